@@ -1,0 +1,205 @@
+"""The typed config tree: one pydantic model per section, every field documented and bounded.
+
+Each component receives only its own section (e.g. the trainer gets `TrainConfig` and
+`DeepSpeedConfig`, never the root), so a section's fields are the whole of what it may depend on.
+Unknown keys are rejected (`extra="forbid"`) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+class Section(BaseModel):
+    """Base of every section: strict about unknown keys, validates on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(Section):
+    """Which generator to build and how big; the artifact records the resolved values."""
+
+    kind: Literal["lm", "cgan", "cvae"] = Field("lm", description="Generator family.")
+    preset: str = Field(
+        "tiny", min_length=1, description="Size preset of the generator (lm: tiny, small, base)."
+    )
+    name: str = Field(
+        "copy-lm",
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Artifact name under <storage>/models/<name>/<version>/ (lowercase, digits, . _ -).",
+    )
+    version: str = Field(
+        "v1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="Artifact version label."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=16, le=8192, description="Context length override (tokens); None keeps the preset's."
+    )
+    image_size: Literal[8, 16, 32, 64] = Field(16, description="Image side in pixels (cgan/cvae).")
+    channels: Literal[1, 3] = Field(1, description="Image channels (cgan/cvae).")
+    num_classes: int = Field(10, ge=2, le=100_000, description="Number of condition labels (cgan/cvae).")
+
+
+class TrainConfig(Section):
+    """Ray Train + DeepSpeed training loop: scaling, optimisation, checkpoints, fault tolerance."""
+
+    run_name: str = Field(
+        "train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run name; same name resumes."
+    )
+    storage_path: str = Field(
+        "./aigc-runs", min_length=1, description="Where checkpoints and artifacts go (path or s3:// URI)."
+    )
+    dataset: str | None = Field(None, description="Training examples (parquet path or s3:// URI).")
+    num_workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (one rank each).")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="GPU per worker; auto = when the cluster has GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="Logical CPUs reserved per worker.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(16, ge=1, le=65_536, description="Examples per rank per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-3, gt=0, lt=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+    seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout.")
+    log_every_steps: int = Field(10, ge=1, description="Steps between progress lines.")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many most recent checkpoints to keep.")
+    max_failures: int = Field(1, ge=-1, description="Worker failures tolerated; -1 = unlimited.")
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> TrainConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})"
+            )
+        return self
+
+
+class DeepSpeedConfig(Section):
+    """The DeepSpeed engine options we expose; translated to DeepSpeed's JSON by the trainer."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage (0 = plain data parallel).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params=true needs zero_stage=3 (got zero_stage={self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer=true needs zero_stage >= 1 (got zero_stage=0)")
+        return self
+
+
+class DataConfig(Section):
+    """Input tables and how prompts are rendered from their features."""
+
+    users: str | None = Field(None, description="Users table: user_id + features (path or s3:// URI).")
+    items: str | None = Field(None, description="Items table: item_id + features.")
+    candidates: str | None = Field(None, description="Candidates: user_id, item_id, optional rank/score.")
+    requests: str | None = Field(None, description="Pre-joined requests table (instead of the three above).")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = Field(
+        "auto", description="Input format; auto = from the file extension."
+    )
+    user_fields: list[str] = Field(
+        default_factory=lambda: ["segment", "locale", "interests"],
+        description="User features rendered into the prompt, in order.",
+    )
+    item_fields: list[str] = Field(
+        default_factory=lambda: ["title", "category", "attributes"],
+        description="Item features rendered into the prompt, in order.",
+    )
+    max_field_chars: int = Field(64, ge=1, le=4096, description="Truncation limit per feature value.")
+    max_prompt_tokens: int = Field(192, ge=8, le=8192, description="Truncation limit of a whole prompt.")
+
+
+class BackfillConfig(Section):
+    """The Ray Data backfill job: what to generate, with how many actors, into which files."""
+
+    run_id: str = Field(
+        "backfill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run id; same id resumes."
+    )
+    output: str = Field("./aigc-output", min_length=1, description="Output root (path or s3:// URI).")
+    artifact: str | None = Field(None, description="Trained artifact directory (path or s3:// URI).")
+    mode: Literal["text", "image"] = Field("text", description="Generate copy or images.")
+    batch_size: int = Field(32, ge=1, le=65_536, description="Rows per generate call.")
+    min_actors: int = Field(1, ge=1, description="Smallest generator actor pool.")
+    max_actors: int = Field(2, ge=1, description="Largest generator actor pool.")
+    cpus_per_actor: float = Field(1.0, gt=0, le=256, description="Logical CPUs per generator actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, le=8, description="GPUs per generator actor.")
+    max_new_tokens: int = Field(96, ge=1, le=4096, description="Generated tokens per row at most.")
+    temperature: float = Field(0.8, ge=0, le=5, description="Sampling temperature; 0 = greedy.")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int = Field(0, ge=0, description="Base seed; each row's seed derives from it and request_id.")
+    rows_per_file: int = Field(100_000, ge=1, description="Target rows per output parquet file.")
+    max_chars: int | None = Field(None, ge=1, description="Filter: longest acceptable copy (characters).")
+    banned_terms: list[str] = Field(default_factory=list, description="Filter: copy containing any is dropped.")
+    require_item_mention: bool = Field(False, description="Filter: copy must name the item title or category.")
+
+    @model_validator(mode="after")
+    def _actor_range(self) -> BackfillConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
+        return self
+
+
+class ServeConfig(Section):
+    """The Ray Serve application: address, batching, autoscaling and request limits."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless exposed on purpose.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    artifact: str | None = Field(None, description="Artifact to serve (path or s3:// URI).")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="@serve.batch max batch size.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="@serve.batch wait for a fuller batch.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Autoscaling target per replica.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Per replica; beyond this requests queue.")
+    max_queued_requests: int = Field(64, ge=-1, description="Beyond this the caller gets 503; -1 = unbounded.")
+    max_requests_per_call: int = Field(64, ge=1, le=10_000, description="Requests in one POST at most.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
+    max_new_tokens_cap: int = Field(256, ge=1, le=8192, description="Upper bound a caller may ask for.")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class StorageConfig(Section):
+    """S3 access. Unset fields fall back to the standard AWS environment variables."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint (else $AWS_ENDPOINT_URL, else AWS).")
+    region: str | None = Field(None, description="S3 region (else $AWS_REGION / $AWS_DEFAULT_REGION).")
+    access_key_id: SecretStr | None = Field(None, description="Else $AWS_ACCESS_KEY_ID or the instance role.")
+    secret_access_key: SecretStr | None = Field(None, description="Else $AWS_SECRET_ACCESS_KEY.")
+    session_token: SecretStr | None = Field(None, description="Else $AWS_SESSION_TOKEN.")
+    retries: int = Field(8, ge=0, le=100, description="Retries of throttled or failed S3 requests.")
+
+
+class MetricsConfig(Section):
+    """Driver-side Prometheus export (actors export through Ray's metrics port)."""
+
+    enabled: bool = Field(True, description="Serve /metrics from job drivers.")
+    host: str = Field("127.0.0.1", description="Bind address of the driver's /metrics endpoint.")
+    port: int = Field(9464, ge=0, le=65535, description="Port of the driver's /metrics; 0 = any free port.")
+    pushgateway_url: str | None = Field(None, description="Push final figures here when a batch job ends.")
+
+
+class AigcConfig(Section):
+    """The whole tree. Components take one section each; only entry points see the root."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    backfill: BackfillConfig = Field(default_factory=BackfillConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)

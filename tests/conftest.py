@@ -1,0 +1,137 @@
+"""Shared test harness: real local Ray, a real S3 API server on 127.0.0.1, markers.
+
+Nothing here fakes a component: the S3 fixture is moto's HTTP server in its own process, reached
+through boto3 and pyarrow exactly as AWS is; the Ray fixture is a real local Ray instance.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# More logical CPUs than this 2-core machine has: a Ray Data actor pool of N one-CPU actors needs
+# spare CPUs for its read tasks, or the pipeline deadlocks (see DEVELOPERS.md). Tests keep the real
+# load small; torch threads are pinned per actor.
+RAY_LOGICAL_CPUS = 8
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "aigc-test-key",
+    "AWS_SECRET_ACCESS_KEY": "aigc-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests where CUDA is absent; nothing else is ever skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
+    """Poll `url` until it answers any HTTP status, or fail the test with what went wrong."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # the server answered; the status is not our concern here
+        except OSError as exc:
+            last_error = exc
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s: {last_error}")
+
+
+@dataclass
+class S3Server:
+    """A running moto S3 server; `new_bucket()` gives each test a bucket of its own."""
+
+    endpoint_url: str
+    process: subprocess.Popen
+
+    def new_bucket(self) -> str:
+        from aigc_dist.storage import Storage
+
+        name = f"aigc-test-{uuid.uuid4().hex[:12]}"
+        Storage().s3_client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 API server on 127.0.0.1 at a free port; AWS_* env vars point boto3/pyarrow at it.
+
+    The variables are set for the whole session, before Ray starts, so Ray workers inherit them
+    exactly as pods inherit them from a Secret in a real deployment.
+    """
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_TEST_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
+    try:
+        wait_for_http(f"{endpoint}/moto-api/")
+        yield S3Server(endpoint, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket on the S3 server; returns its `s3://` URI."""
+    return f"s3://{s3_server.new_bucket()}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: S3Server) -> Iterator[None]:
+    """One real local Ray instance for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    ray_tmp = Path("/tmp") / f"ray-aigc-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ray.init(
+        num_cpus=RAY_LOGICAL_CPUS,
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        _temp_dir=str(ray_tmp),
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
