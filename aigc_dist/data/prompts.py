@@ -1,0 +1,193 @@
+"""Prompts rendered from user and item features: the conditioning half of every text example.
+
+Token layout (special ids from the tokenizer, text as UTF-8 bytes):
+
+    <bos> <user> (<field> name <value> value)* <item> (<field> name <value> value)* <sep>
+
+and for training `encode_example` appends the target copy and `<eos>`. Values are rendered to text
+(lists joined with ", "), cut to `max_field_chars` characters, then, if the prompt is over its token
+budget, shortened together (see `_fit_values`). Budgets count one token per UTF-8 byte, which is what
+the project's ByteTokenizer produces; every cut falls on a code point boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aigc_dist.models.tokenizer import ByteTokenizer
+
+# Part of the digest: bump when the token layout changes, so old request ids never match new prompts.
+PROMPT_LAYOUT = "v1"
+# <bos>, <user>, <item>, <sep>; each field adds <field> + name + <value> + value.
+_FIXED_TOKENS = 4
+
+Pairs = list[tuple[str, str]]
+
+
+class PromptError(ValueError):
+    """A row cannot be turned into a prompt (missing required field, budget too small)."""
+
+
+@dataclass
+class PromptTemplate:
+    """Which user and item features condition the generator, in which order, and the size limits."""
+
+    user_fields: tuple[str, ...] = ("segment", "locale", "interests")
+    """User feature names, in prompt order."""
+    item_fields: tuple[str, ...] = ("title", "category", "attributes")
+    """Item feature names, in prompt order."""
+    required_user_fields: tuple[str, ...] = ("segment",)
+    """User fields (among user_fields) that must be present and non-empty; others are skipped when missing.
+    The default is what personalization needs, and small so that custom user_fields rarely conflict."""
+    required_item_fields: tuple[str, ...] = ("title",)
+    """Item fields (among item_fields) that must be present and non-empty; the title grounds the copy."""
+    max_field_chars: int = 64
+    """Each value is cut to this many characters (code points) before the token budget applies."""
+    max_prompt_tokens: int = 192
+    """Token budget of the whole prompt, <bos> to <sep> inclusive."""
+
+    def __post_init__(self) -> None:
+        for name in ("user_fields", "item_fields", "required_user_fields", "required_item_fields"):
+            value = tuple(getattr(self, name))
+            setattr(self, name, value)
+            if any(not isinstance(f, str) or not f for f in value) or len(set(value)) != len(value):
+                raise ValueError(f"PromptTemplate.{name} must be distinct non-empty names (got {value})")
+        for side in ("user", "item"):
+            extra = set(getattr(self, f"required_{side}_fields")) - set(getattr(self, f"{side}_fields"))
+            if extra:
+                raise ValueError(f"PromptTemplate.required_{side}_fields must be among {side}_fields "
+                                 f"(got {sorted(extra)})")
+        if self.max_field_chars < 1:
+            raise ValueError(f"PromptTemplate.max_field_chars must be >= 1 (got {self.max_field_chars})")
+        skeleton = _skeleton_tokens([*self.user_fields, *self.item_fields])
+        if self.max_prompt_tokens < skeleton:
+            raise ValueError(f"PromptTemplate.max_prompt_tokens must be >= {skeleton}, the markers and names "
+                             f"of all fields (got {self.max_prompt_tokens})")
+
+
+def _skeleton_tokens(names: list[str]) -> int:
+    """Prompt tokens besides the values of fields `names`."""
+    return _FIXED_TOKENS + sum(2 + len(n.encode("utf-8")) for n in names)
+
+
+def _value_text(value: Any) -> str:
+    """Feature value -> prompt text; "" means missing. Lists (interests, attributes) join with ", "."""
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, e.g. from pandas
+        value = value.tolist()
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # pandas writes missing as NaN
+        return ""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value if v is not None)
+    return str(value)
+
+
+def _fields(user: Mapping[str, Any], item: Mapping[str, Any], template: PromptTemplate
+            ) -> tuple[Pairs, Pairs]:
+    """(name, value text) of the present fields, values cut to max_field_chars; PromptError if required."""
+    t, sides = template, []
+    for side, features, names, required in (("user", user, t.user_fields, t.required_user_fields),
+                                            ("item", item, t.item_fields, t.required_item_fields)):
+        pairs = []
+        for name in names:
+            # Python strings index code points, so this cut never splits a character's UTF-8 bytes.
+            text = _value_text(features.get(name))[: template.max_field_chars]
+            if text:
+                pairs.append((name, text))
+            elif name in required:
+                raise PromptError(f"missing required {side} field {name!r}")
+        sides.append(pairs)
+    return sides[0], sides[1]
+
+
+def _cut_bytes(text: str, max_bytes: int) -> str:
+    # Dropping the incomplete trailing sequence keeps the cut on a code point boundary.
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _water_level(lengths: list[int], budget: int) -> int:
+    """Largest cap c with sum(min(length, c)) <= budget: short values stay whole, long ones share the rest."""
+    remaining = budget
+    for i, length in enumerate(sorted(lengths)):
+        left = len(lengths) - i
+        if length * left > remaining:
+            return remaining // left
+        remaining -= length
+    return max(lengths, default=0)
+
+
+def _fit_values(user: Pairs, item: Pairs, budget: int) -> tuple[Pairs, Pairs]:
+    """Shorten values until the prompt fits `budget` tokens (or to empty, if markers and names fill it).
+
+    Every value is cut to the same byte cap, the largest that fits (water-filling): values shorter than
+    the cap are untouched, so one long title cannot push out the segment. Markers and names are never cut.
+    """
+    skeleton = _skeleton_tokens([n for n, _ in user + item])
+    lengths = [len(v.encode("utf-8")) for _, v in user + item]
+    if sum(lengths) + skeleton <= budget:
+        return user, item
+    cap = _water_level(lengths, max(0, budget - skeleton))
+    return [(n, _cut_bytes(v, cap)) for n, v in user], [(n, _cut_bytes(v, cap)) for n, v in item]
+
+
+def render_prompt(user: Mapping[str, Any], item: Mapping[str, Any], template: PromptTemplate) -> str:
+    """The prompt as one readable line for logs and debugging, with the same values the model sees.
+
+    e.g. "<user> segment=student | locale=en <item> title=Aurora Trail Backpack | category=outdoor".
+    """
+    u, i = _fit_values(*_fields(user, item, template), template.max_prompt_tokens)
+    return " ".join(["<user>", " | ".join(f"{n}={v}" for n, v in u),
+                     "<item>", " | ".join(f"{n}={v}" for n, v in i)])
+
+
+def _encode_pairs(user: Pairs, item: Pairs, tokenizer: ByteTokenizer) -> list[int]:
+    def fields(pairs: Pairs) -> list[int]:
+        return [i for name, value in pairs for i in (tokenizer.field_id, *tokenizer.encode(name),
+                                                     tokenizer.value_id, *tokenizer.encode(value))]
+
+    tok = tokenizer
+    return [tok.bos_id, tok.user_id, *fields(user), tok.item_id, *fields(item), tok.sep_id]
+
+
+def encode_prompt(user: Mapping[str, Any], item: Mapping[str, Any], template: PromptTemplate,
+                  tokenizer: ByteTokenizer) -> list[int]:
+    """Prompt token ids, <bos> .. <sep>, at most `template.max_prompt_tokens` long.
+
+    Missing optional fields are skipped; a missing required field raises PromptError naming it.
+    """
+    return _encode_pairs(*_fit_values(*_fields(user, item, template), template.max_prompt_tokens), tokenizer)
+
+
+def encode_example(user: Mapping[str, Any], item: Mapping[str, Any], copy: str, template: PromptTemplate,
+                   tokenizer: ByteTokenizer, max_seq_len: int) -> tuple[list[int], list[bool]]:
+    """A training example: prompt ids + copy ids + <eos>, and a loss mask True on the copy and <eos>.
+
+    Fitting into `max_seq_len` (the loss is on the copy, so the copy is cut last):
+      1. the prompt gets what the whole copy and <eos> leave, capped at max_prompt_tokens, and is
+         shortened as in encode_prompt (values cut evenly, markers and names kept);
+      2. if the prompt at its minimum (empty values) still leaves too little, the copy is cut at a
+         code point boundary. <eos> is always the last token, so the model always learns to stop.
+    PromptError if max_seq_len cannot hold the prompt's markers and names plus <eos>.
+    """
+    u, i = _fields(user, item, template)
+    skeleton = _skeleton_tokens([n for n, _ in u + i])
+    if skeleton + 1 > max_seq_len:
+        raise PromptError(f"max_seq_len={max_seq_len} cannot hold the prompt's {skeleton} marker and name "
+                          "tokens plus <eos>")
+    copy_bytes = len(copy.encode("utf-8"))
+    budget = max(skeleton, min(template.max_prompt_tokens, max_seq_len - copy_bytes - 1))
+    prompt = _encode_pairs(*_fit_values(u, i, budget), tokenizer)
+    copy_ids = tokenizer.encode(_cut_bytes(copy, max_seq_len - len(prompt) - 1))
+    ids = prompt + copy_ids + [tokenizer.eos_id]
+    return ids, [False] * len(prompt) + [True] * (len(copy_ids) + 1)
+
+
+def template_digest(template: PromptTemplate) -> str:
+    """Stable 16-hex-digit hash of the template and the token layout (feeds request ids)."""
+    payload = json.dumps({"layout": PROMPT_LAYOUT, **asdict(template)}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,147 @@
+"""Batched personalized copy generation on a loaded LM artifact.
+
+The one engine both the Ray Data backfill actors and the Ray Serve replicas call, so a request with
+the same features, sampling parameters and seed gets the same copy offline and online.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt
+from aigc_dist.models.artifact import Artifact, ArtifactError, ArtifactStore, load_artifact
+
+# Key under which an LM artifact's config.json carries the prompt template it was trained with.
+PROMPT_TEMPLATE_KEY = "prompt_template"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode one request. temperature=0 is greedy."""
+
+    max_new_tokens: int = 96
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (got {self.top_k})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class TextRequest:
+    """One personalized request: whose feed, which item, how to sample, with which seed."""
+
+    user: Mapping[str, Any]
+    item: Mapping[str, Any]
+    seed: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TextResult:
+    """The copy for one request, or the reason there is none (`error`, with `text` empty)."""
+
+    text: str = ""
+    num_tokens: int = 0  # generated tokens, EOS excluded
+    prompt_tokens: int = 0
+    finished: bool = False  # True when the model ended the copy (EOS), False when cut at max_new_tokens
+    error: str | None = None
+
+
+def prompt_template_of(artifact: Artifact) -> PromptTemplate:
+    """The template the artifact was trained with (prompts must be rendered exactly the same way)."""
+    raw = artifact.conditioning.get(PROMPT_TEMPLATE_KEY)
+    if raw is None:
+        raise ArtifactError(f"artifact {artifact.label} has no conditioning.{PROMPT_TEMPLATE_KEY}")
+    return PromptTemplate(**raw)
+
+
+def prompt_conditioning(template: PromptTemplate) -> dict[str, Any]:
+    """What `save_artifact(conditioning=...)` records for an LM so the engine can rebuild prompts."""
+    return {PROMPT_TEMPLATE_KEY: asdict(template)}
+
+
+class TextEngine:
+    """Turns `TextRequest`s into copy: render prompts, batch by sampling parameters, decode, detokenize."""
+
+    def __init__(self, artifact: Artifact, max_batch_size: int = 64, num_threads: int | None = None):
+        if artifact.kind != "lm" or artifact.tokenizer is None:
+            raise ArtifactError(f"TextEngine needs an lm artifact with a tokenizer (got kind {artifact.kind!r})")
+        if num_threads is not None:
+            # The process's share of cores: actors and replicas set it so co-located ones don't fight.
+            torch.set_num_threads(num_threads)
+        self.artifact = artifact
+        self.model = artifact.model.eval()
+        self.tokenizer = artifact.tokenizer
+        self.template = prompt_template_of(artifact)
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def from_uri(cls, uri: str, store: ArtifactStore, **kwargs: Any) -> TextEngine:
+        return cls(load_artifact(uri, store), **kwargs)
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        """Longest continuation of the shortest possible prompt the context window admits."""
+        return self.model.config.max_seq_len - 1
+
+    def generate(self, requests: Sequence[TextRequest]) -> list[TextResult]:
+        """One result per request, in order. A request that cannot be served (missing required
+        feature, prompt + max_new_tokens over the context) gets `error` set; the others proceed."""
+        results = [TextResult() for _ in requests]
+        groups: dict[SamplingParams, list[tuple[int, list[int]]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                prompt = encode_prompt(request.user, request.item, self.template, self.tokenizer)
+            except PromptError as exc:
+                results[index].error = f"prompt: {exc}"
+                continue
+            room = self.model.config.max_seq_len - len(prompt)
+            if request.sampling.max_new_tokens > room:
+                results[index].error = (
+                    f"prompt of {len(prompt)} tokens + max_new_tokens={request.sampling.max_new_tokens} "
+                    f"exceeds the model's context of {self.model.config.max_seq_len}"
+                )
+                continue
+            results[index].prompt_tokens = len(prompt)
+            groups.setdefault(request.sampling, []).append((index, prompt))
+        for sampling, members in groups.items():
+            for start in range(0, len(members), self.max_batch_size):
+                chunk = members[start : start + self.max_batch_size]
+                self._decode(sampling, chunk, [requests[i].seed for i, _ in chunk], results)
+        return results
+
+    def _decode(
+        self,
+        sampling: SamplingParams,
+        chunk: list[tuple[int, list[int]]],
+        seeds: list[int],
+        results: list[TextResult],
+    ) -> None:
+        outputs = self.model.generate(
+            [prompt for _, prompt in chunk],
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            eos_id=self.tokenizer.eos_id,
+            seeds=seeds,
+            pad_id=self.tokenizer.pad_id,
+        )
+        for (index, _), tokens in zip(chunk, outputs, strict=True):
+            result = results[index]
+            result.text = self.tokenizer.decode(tokens)
+            result.num_tokens = len(tokens)
+            result.finished = len(tokens) < sampling.max_new_tokens

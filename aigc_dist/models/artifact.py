@@ -1,0 +1,159 @@
+"""Trained-model artifacts: a directory that rebuilds its model from its own files.
+
+    <uri>/config.json        kind, model hyper-parameters, tokenizer, conditioning (prompt template...)
+    <uri>/model.safetensors  weights (tied weights stored once)
+    <uri>/metadata.json      name, version, run, step, metrics, sha256 of the weights, content digest
+
+metadata.json is written last and names the sha256 of the weights, so a half-written artifact or
+a corrupted weights file fails to load instead of serving garbage. Serve and batch load only
+artifacts, never training checkpoints.
+
+Pure torch + stdlib (+ safetensors, a weights format): the bytes are moved by a `store` the caller
+passes (`aigc_dist.storage.Storage` satisfies it), so this module never imports an S3 client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from aigc_dist.models.cgan import CGANConfig, Generator
+from aigc_dist.models.cvae import CVAE, CVAEConfig
+from aigc_dist.models.lm import LMConfig, TransformerLM
+from aigc_dist.models.tokenizer import ByteTokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE = "config.json", "model.safetensors", "metadata.json"
+
+# kind -> (config class, model class). For the cGAN only the generator is an artifact: it is all
+# that inference needs; the discriminator lives in training checkpoints.
+MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
+    "lm": (LMConfig, TransformerLM),
+    "cgan": (CGANConfig, Generator),
+    "cvae": (CVAEConfig, CVAE),
+}
+
+
+class ArtifactError(ValueError):
+    """An artifact directory that is incomplete, corrupted or of an unknown kind."""
+
+
+class ArtifactStore(Protocol):
+    """Where artifact files are read and written (local directory, S3 prefix, ...)."""
+
+    def read_bytes(self, uri: str) -> bytes: ...
+
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the model in eval mode plus everything needed to use it."""
+
+    kind: str
+    model: nn.Module
+    model_config: Any
+    tokenizer: ByteTokenizer | None
+    conditioning: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Content digest (config + weights): equal digests, equal models."""
+        return self.metadata["digest"]
+
+    @property
+    def label(self) -> str:
+        """`name:version@digest12`, how outputs and logs identify the model."""
+        return f"{self.metadata.get('name', '?')}:{self.metadata.get('version', '?')}@{self.digest[:12]}"
+
+
+def _join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases: a tensor that shares storage with an earlier one is dropped
+    (safetensors refuses shared tensors; the model re-ties them when it is built)."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().to("cpu").contiguous()
+    return unique
+
+
+def save_artifact(
+    uri: str,
+    kind: str,
+    model: nn.Module,
+    store: ArtifactStore,
+    *,
+    tokenizer: ByteTokenizer | None = None,
+    conditioning: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `model` as an artifact at `uri`; returns the metadata written (with its digests)."""
+    if kind not in MODEL_KINDS:
+        raise ArtifactError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    config_cls, model_cls = MODEL_KINDS[kind]
+    if not isinstance(model, model_cls):
+        raise ArtifactError(f"kind {kind!r} stores a {model_cls.__name__}, got {type(model).__name__}")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model": model.config.to_dict(),
+        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "conditioning": conditioning or {},
+    }
+    config_bytes = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False).encode()
+    weights = safetensors.torch.save(_unique_state(model))
+    weights_sha = hashlib.sha256(weights).hexdigest()
+    meta = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        **(metadata or {}),
+        "weights_sha256": weights_sha,
+        "digest": hashlib.sha256(hashlib.sha256(config_bytes).digest() + weights_sha.encode()).hexdigest(),
+    }
+    store.write_bytes(_join(uri, WEIGHTS_FILE), weights)
+    store.write_bytes(_join(uri, CONFIG_FILE), config_bytes)
+    store.write_bytes(_join(uri, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
+    return meta
+
+
+def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "cpu") -> Artifact:
+    """Rebuild the model from the directory alone and check it against its recorded digests."""
+    try:
+        meta = json.loads(store.read_bytes(_join(uri, METADATA_FILE)))
+        config_bytes = store.read_bytes(_join(uri, CONFIG_FILE))
+        weights = store.read_bytes(_join(uri, WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{uri} is not a complete artifact: {exc} is missing") from None
+    if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
+        raise ArtifactError(f"{uri}: {WEIGHTS_FILE} does not match metadata.json's weights_sha256 (corrupted?)")
+    config = json.loads(config_bytes)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{uri}: format_version {config.get('format_version')!r} is not {FORMAT_VERSION}")
+    kind = config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ArtifactError(f"{uri}: unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    config_cls, model_cls = MODEL_KINDS[kind]
+    model_config = config_cls.from_dict(config["model"])
+    model = model_cls(model_config)
+    missing, unexpected = model.load_state_dict(safetensors.torch.load(weights), strict=False)
+    tied = set(model.state_dict()) - set(_unique_state(model))
+    if unexpected or set(missing) - tied:
+        raise ArtifactError(f"{uri}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    tokenizer = ByteTokenizer.from_dict(config["tokenizer"]) if config.get("tokenizer") else None
+    return Artifact(kind, model.to(device).eval(), model_config, tokenizer, config.get("conditioning", {}), meta)

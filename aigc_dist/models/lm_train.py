@@ -1,0 +1,92 @@
+"""Single-process training of the text generator: batching, the loss step, a plain loop.
+
+The distributed trainer (Ray Train + DeepSpeed) reuses `collate_examples` and `lm_loss`; this loop
+is what tests and quick experiments run on one CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from aigc_dist.models.lm import TransformerLM
+
+Example = tuple[list[int], list[bool]]  # token ids, loss mask (True on target-copy tokens and <eos>)
+
+
+def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a batch into next-token tensors.
+
+    input_ids[b, t] predicts targets[b, t] = ids[t + 1]; loss_mask follows the target, so the loss
+    covers the copy and <eos> only. Right padding needs no attention mask under a causal model: pad
+    positions come after every real token and are masked out of the loss.
+    """
+    width = max(len(ids) for ids, _ in examples) - 1
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, T]
+    targets = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, T]
+    loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)  # [B, T]
+    for row, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        input_ids[row, :n] = torch.tensor(ids[:-1])
+        targets[row, :n] = torch.tensor(ids[1:])
+        loss_mask[row, :n] = torch.tensor(mask[1:])
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask}
+
+
+def lm_loss(model: TransformerLM, batch: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy over the target-copy tokens of a collated batch."""
+    _, loss = model(batch["input_ids"], targets=batch["targets"], loss_mask=batch["loss_mask"])
+    return loss
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_lm(
+    model: TransformerLM,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    warmup_steps: int = 20,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """AdamW with warm-up + cosine on shuffled batches; returns the loss of every step."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, steps))
+    model.train()
+    losses = []
+    for step in range(steps):
+        if len(order) < batch_size:  # reshuffle per epoch
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = order[:batch_size], order[batch_size:]
+        loss = lm_loss(model, collate_examples([examples[i] for i in picked], pad_id))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses

@@ -1,0 +1,169 @@
+"""Prompt rendering and example encoding: token layout, truncation rules, loss mask, Chinese text."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aigc_dist.data.prompts import (
+    PromptError,
+    PromptTemplate,
+    encode_example,
+    encode_prompt,
+    render_prompt,
+    template_digest,
+)
+from aigc_dist.models.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+TEMPLATE = PromptTemplate()
+USER = {"user_id": "u000001", "segment": "student", "locale": "en", "interests": ["gaming", "reading"]}
+ITEM = {"item_id": "i00042", "title": "Aurora Trail Backpack", "category": "outdoor",
+        "attributes": ["waterproof", "lightweight"], "price": 79.99}
+ZH_USER = {"user_id": "u000002", "segment": "parent", "locale": "zh", "interests": ["cooking"]}
+ZH_ITEM = {"item_id": "i00007", "title": "极光背包", "category": "outdoor", "attributes": ["waterproof"]}
+ZH_COPY = "户外新品：极光背包，全家人都喜欢。😀"
+
+# Text mixing 1-, 2-, 3- and 4-byte UTF-8 characters (ASCII, accents, CJK, emoji).
+MIXED_TEXT = st.text(alphabet=st.sampled_from("ab é中文字背包😀🎒"), min_size=1, max_size=40)
+
+
+def _parse(ids: list[int]) -> dict[str, list[tuple[str, bytes]]]:
+    """Prompt ids -> {"user": [(name, value bytes)], "item": [...]}, checking the marker grammar."""
+    assert ids[0] == TOK.bos_id and ids[1] == TOK.user_id and ids[-1] == TOK.sep_id
+    assert ids.count(TOK.item_id) == 1 and ids.count(TOK.bos_id) == ids.count(TOK.sep_id) == 1
+    sides: dict[str, list[tuple[str, bytes]]] = {"user": [], "item": []}
+    side, pos = "user", 2
+    while ids[pos] != TOK.sep_id:
+        if ids[pos] == TOK.item_id:
+            side, pos = "item", pos + 1
+            continue
+        assert ids[pos] == TOK.field_id
+        value_at = ids.index(TOK.value_id, pos)
+        end = value_at + 1
+        while ids[end] < 256:
+            end += 1
+        sides[side].append((bytes(ids[pos + 1 : value_at]).decode(), bytes(ids[value_at + 1 : end])))
+        pos = end
+    return sides
+
+
+def test_prompt_token_layout() -> None:
+    ids = encode_prompt(USER, ITEM, TEMPLATE, TOK)
+    sides = _parse(ids)
+    assert sides["user"] == [("segment", b"student"), ("locale", b"en"),
+                             ("interests", b"gaming, reading")]
+    assert sides["item"] == [("title", b"Aurora Trail Backpack"), ("category", b"outdoor"),
+                             ("attributes", b"waterproof, lightweight")]
+    assert TOK.decode(ids) == "segmentstudentlocaleeninterestsgaming, readingtitleAurora Trail Backpack" \
+                              "categoryoutdoorattributeswaterproof, lightweight"
+
+
+def test_missing_optional_fields_are_skipped_required_ones_named() -> None:
+    sides = _parse(encode_prompt({**USER, "interests": []}, {**ITEM, "attributes": None}, TEMPLATE, TOK))
+    assert [n for n, _ in sides["user"]] == ["segment", "locale"]
+    assert [n for n, _ in sides["item"]] == ["title", "category"]
+    # Rows from pandas: NaN is missing, numpy arrays are lists.
+    sides = _parse(encode_prompt({**USER, "interests": float("nan")},
+                                 {**ITEM, "attributes": np.array(["waterproof", "wooden"])}, TEMPLATE, TOK))
+    assert [n for n, _ in sides["user"]] == ["segment", "locale"]
+    assert dict(sides["item"])["attributes"] == b"waterproof, wooden"
+    item = {k: v for k, v in ITEM.items() if k != "title"}
+    with pytest.raises(PromptError, match="item field 'title'"):
+        encode_prompt(USER, item, TEMPLATE, TOK)
+    with pytest.raises(ValueError, match="user field 'segment'"):
+        encode_example({**USER, "segment": ""}, ITEM, "copy", TEMPLATE, TOK, 256)
+
+
+def test_render_prompt_shows_what_the_model_sees() -> None:
+    text = render_prompt(USER, ITEM, dataclasses.replace(TEMPLATE, max_field_chars=6))
+    assert text == ("<user> segment=studen | locale=en | interests=gaming <item> title=Aurora | "
+                    "category=outdoo | attributes=waterp")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(title=MIXED_TEXT, segment=MIXED_TEXT, max_chars=st.integers(1, 30), budget_extra=st.integers(0, 40))
+def test_truncation_never_splits_a_code_point(title: str, segment: str, max_chars: int,
+                                              budget_extra: int) -> None:
+    template = PromptTemplate(user_fields=("segment",), item_fields=("title",), required_user_fields=(),
+                              required_item_fields=(), max_field_chars=max_chars,
+                              max_prompt_tokens=4 + 2 + 7 + 2 + 5 + budget_extra)
+    ids = encode_prompt({"segment": segment}, {"title": title}, template, TOK)
+    assert len(ids) <= template.max_prompt_tokens
+    for original, (_, value) in zip((segment, title), _parse(ids)["user"] + _parse(ids)["item"], strict=True):
+        text = value.decode("utf-8")  # strict: a split character would raise here
+        assert original[:max_chars].startswith(text)
+
+
+def test_long_values_share_the_budget_short_ones_stay_whole() -> None:
+    template = dataclasses.replace(TEMPLATE, max_field_chars=200, max_prompt_tokens=100)
+    ids = encode_prompt(USER, {**ITEM, "title": "背" * 100}, template, TOK)
+    sides = _parse(ids)
+    assert len(ids) <= 100
+    assert dict(sides["user"])["segment"] == b"student" and dict(sides["item"])["category"] == b"outdoor"
+    assert dict(sides["item"])["title"].decode("utf-8").strip("背") == ""
+
+
+def test_loss_mask_covers_exactly_the_copy_and_eos() -> None:
+    copy = "Meet the Aurora Trail Backpack: perfect for campus life."
+    ids, mask = encode_example(USER, ITEM, copy, TEMPLATE, TOK, max_seq_len=512)
+    prompt = encode_prompt(USER, ITEM, TEMPLATE, TOK)
+    assert ids[: len(prompt)] == prompt and ids[-1] == TOK.eos_id
+    assert mask == [False] * len(prompt) + [True] * (len(copy) + 1)
+    assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == copy
+
+
+def test_too_long_examples_cut_the_prompt_first_then_the_copy_never_eos() -> None:
+    copy = ZH_COPY * 3
+    full, _ = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=1024)
+    # A little short: the prompt values give way, the copy stays whole.
+    ids, mask = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=len(full) - 10)
+    assert len(full) - 10 - 3 * 6 <= len(ids) <= len(full) - 10 and ids[-1] == TOK.eos_id  # cuts: whole chars
+    assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == copy
+    # Far too short: the prompt is down to markers and names, the copy is cut on a character boundary.
+    ids, mask = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=90)
+    assert len(ids) <= 90 and ids[-1] == TOK.eos_id and mask[-1]
+    target = bytes(t for t, m in zip(ids, mask, strict=True) if m and t < 256).decode("utf-8")
+    assert target and copy.startswith(target)
+    prompt = [t for t, m in zip(ids, mask, strict=True) if not m]
+    assert all(value == b"" for _, value in _parse(prompt)["item"])
+    with pytest.raises(PromptError, match="max_seq_len=20"):
+        encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(copy=MIXED_TEXT, max_seq_len=st.integers(62, 160))
+def test_examples_fit_and_keep_utf8_whole(copy: str, max_seq_len: int) -> None:
+    ids, mask = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len)
+    assert len(ids) == len(mask) <= max_seq_len and ids[-1] == TOK.eos_id and mask[-1]
+    target = bytes(t for t, m in zip(ids, mask, strict=True) if m and t < 256).decode("utf-8")
+    assert copy.startswith(target)
+
+
+def test_chinese_prompt_and_copy_round_trip_through_the_tokenizer() -> None:
+    ids, mask = encode_example(ZH_USER, ZH_ITEM, ZH_COPY, TEMPLATE, TOK, max_seq_len=256)
+    prompt_text = TOK.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+    assert "title极光背包" in prompt_text and "segmentparent" in prompt_text
+    assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == ZH_COPY
+
+
+def test_template_digest_is_stable_and_sensitive() -> None:
+    assert template_digest(PromptTemplate()) == template_digest(PromptTemplate()) == "20fffb676d42787c"
+    assert template_digest(dataclasses.replace(TEMPLATE, max_field_chars=65)) != template_digest(TEMPLATE)
+    assert template_digest(PromptTemplate(user_fields=("locale", "segment", "interests"))) != \
+        template_digest(TEMPLATE)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"required_item_fields": ("price",)}, "required_item_fields"),
+    ({"user_fields": ("segment", "segment"), "required_user_fields": ()}, "user_fields"),
+    ({"max_field_chars": 0}, "max_field_chars"),
+    ({"max_prompt_tokens": 20}, "max_prompt_tokens"),
+])
+def test_template_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"PromptTemplate\.{field} "):
+        PromptTemplate(**kwargs)

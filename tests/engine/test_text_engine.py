@@ -1,0 +1,109 @@
+"""The shared text engine: same request + seed -> same copy, bad requests fail alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aigc_dist.data.prompts import PromptTemplate, encode_prompt
+from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning
+from aigc_dist.models.artifact import Artifact, ArtifactError, load_artifact, save_artifact
+from aigc_dist.models.lm import LMConfig, TransformerLM
+from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.storage import Storage, join_uri
+
+TOK = ByteTokenizer()
+TEMPLATE = PromptTemplate(max_field_chars=24, max_prompt_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(WorldConfig(num_users=20, num_items=15, candidates_per_user=3, seed=3))
+
+
+@pytest.fixture(scope="module")
+def artifact() -> Artifact:
+    torch.manual_seed(0)
+    model = TransformerLM(LMConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=192)).eval()
+    meta = {"name": "t", "version": "v1", "digest": "0" * 64}
+    return Artifact("lm", model, model.config, TOK, prompt_conditioning(TEMPLATE), meta)
+
+
+def requests_for(world, n: int, sampling: SamplingParams) -> list[TextRequest]:
+    users = {u["user_id"]: u for u in world.users.to_pylist()}
+    items = {i["item_id"]: i for i in world.items.to_pylist()}
+    rows = world.candidates.slice(0, n).to_pylist()
+    return [
+        TextRequest(users[r["user_id"]], items[r["item_id"]], seed=k, sampling=sampling) for k, r in enumerate(rows)
+    ]
+
+
+def test_engine_equals_direct_model_call(world, artifact):
+    sampling = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50)
+    requests = requests_for(world, 6, sampling)
+    results = TextEngine(artifact).generate(requests)
+    prompts = [encode_prompt(r.user, r.item, TEMPLATE, TOK) for r in requests]
+    direct = artifact.model.generate(
+        prompts, max_new_tokens=16, temperature=0.9, top_k=50, eos_id=TOK.eos_id, seeds=[r.seed for r in requests]
+    )
+    assert [r.text for r in results] == [TOK.decode(t) for t in direct]
+    assert [r.num_tokens for r in results] == [len(t) for t in direct]
+    assert all(r.error is None and r.prompt_tokens == len(p) for r, p in zip(results, prompts, strict=True))
+
+
+def test_same_seed_same_copy_and_batch_size_does_not_matter(world, artifact):
+    requests = requests_for(world, 8, SamplingParams(max_new_tokens=12, temperature=1.0))
+    whole = TextEngine(artifact, max_batch_size=8).generate(requests)
+    again = TextEngine(artifact, max_batch_size=8).generate(requests)
+    assert [r.text for r in whole] == [r.text for r in again]
+    reseeded = [TextRequest(r.user, r.item, seed=r.seed + 100, sampling=r.sampling) for r in requests]
+    assert [r.text for r in TextEngine(artifact).generate(reseeded)] != [r.text for r in whole]
+
+
+def test_mixed_sampling_params_keep_request_order(world, artifact):
+    greedy, sampled = SamplingParams(max_new_tokens=8, temperature=0), SamplingParams(max_new_tokens=5)
+    mixed = requests_for(world, 6, greedy)
+    for k in (1, 3, 5):
+        mixed[k].sampling = sampled
+    results = TextEngine(artifact, max_batch_size=2).generate(mixed)
+    alone = [TextEngine(artifact).generate([r])[0] for r in mixed]
+    assert [r.text for r in results] == [r.text for r in alone]
+    assert all(r.num_tokens <= r_req.sampling.max_new_tokens for r, r_req in zip(results, mixed, strict=True))
+
+
+def test_bad_requests_fail_alone(world, artifact):
+    good = requests_for(world, 2, SamplingParams(max_new_tokens=8, temperature=0))
+    missing_title = TextRequest(good[0].user, {"category": "books"}, sampling=good[0].sampling)
+    too_long = TextRequest(good[0].user, good[0].item, sampling=SamplingParams(max_new_tokens=190))
+    results = TextEngine(artifact).generate([good[0], missing_title, too_long, good[1]])
+    assert results[0].error is None and results[3].error is None
+    assert "title" in results[1].error and results[1].text == ""
+    assert "exceeds the model's context" in results[2].error
+
+
+def test_sampling_params_are_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_engine_from_s3_artifact_matches_in_memory(world, artifact, s3_bucket):
+    storage, uri = Storage(), join_uri(s3_bucket, "models", "t", "v1")
+    save_artifact(uri, "lm", artifact.model, storage, tokenizer=TOK, conditioning=prompt_conditioning(TEMPLATE))
+    requests = requests_for(world, 4, SamplingParams(max_new_tokens=10, temperature=0.7))
+    from_s3 = TextEngine.from_uri(uri, storage).generate(requests)
+    assert [r.text for r in from_s3] == [r.text for r in TextEngine(artifact).generate(requests)]
+
+
+def test_engine_refuses_wrong_artifacts(tmp_path, artifact):
+    from aigc_dist.models.cgan import CGANConfig, Generator
+
+    storage = Storage()
+    save_artifact(str(tmp_path / "gan"), "cgan", Generator(CGANConfig()), storage)
+    with pytest.raises(ArtifactError, match="needs an lm artifact"):
+        TextEngine(load_artifact(str(tmp_path / "gan"), storage))
+    save_artifact(str(tmp_path / "lm"), "lm", artifact.model, storage, tokenizer=TOK)  # no template
+    with pytest.raises(ArtifactError, match="prompt_template"):
+        TextEngine(load_artifact(str(tmp_path / "lm"), storage))

@@ -1,0 +1,110 @@
+"""Text measures: perfect on the reference corpus, ~0 on mismatched or random text, exact on hand cases."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.evaluation.text import (
+    distinct_n,
+    evaluate_text,
+    grounding_rate,
+    perplexity,
+    personalization_rate,
+    repetition_rate,
+    text_tokens,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> tuple[list[str], list[dict], list[dict]]:
+    world = make_world(WorldConfig(num_users=300, num_items=120, candidates_per_user=5, seed=11))
+    records = world.training_records()
+    return [c for _, _, c in records], [u for u, _, _ in records], [i for _, i, _ in records]
+
+
+def test_reference_corpus_is_fully_grounded_and_personalized(corpus) -> None:
+    texts, users, items = corpus
+    scores = evaluate_text(texts, users, items)
+    assert scores["grounding_rate"] == 1.0 and scores["personalization_rate"] == 1.0
+    assert scores["repetition_rate"] == 0.0 and scores["empty_rate"] == 0.0
+    assert 0.0 < scores["distinct_1"] < scores["distinct_2"] < 1.0
+
+
+def _shuffled(texts: list[str], rows: list[dict], eligible) -> list[str]:
+    """For each row, the text of a random other row for which eligible(row, other) holds (fixed seed)."""
+    rng = random.Random(0)
+    out = []
+    for row in rows:
+        while not eligible(row, rows[j := rng.randrange(len(rows))]):
+            pass
+        out.append(texts[j])
+    return out
+
+
+def test_copy_written_for_another_segment_is_not_personalized(corpus) -> None:
+    texts, users, _ = corpus
+    # Same locale, other segment: only the segment phrase can tell them apart.
+    shuffled = _shuffled(texts, users,
+                         lambda u, v: u["locale"] == v["locale"] and u["segment"] != v["segment"])
+    assert personalization_rate(shuffled, users) < 0.02
+
+
+def test_copy_written_for_another_category_is_not_grounded(corpus) -> None:
+    texts, _, items = corpus
+    assert grounding_rate(_shuffled(texts, items, lambda i, j: i["category"] != j["category"]), items) < 0.02
+
+
+def test_random_strings_score_zero(corpus) -> None:
+    _, users, items = corpus
+    rng = random.Random(1)
+    alphabet = "abcdefghij klmnop 你好世界背包 "
+    noise = ["".join(rng.choice(alphabet) for _ in range(60)) for _ in users]
+    assert grounding_rate(noise, items) == 0.0 and personalization_rate(noise, users) == 0.0
+
+
+def test_matching_ignores_case_and_accepts_chinese_category_names() -> None:
+    item = {"title": "Aurora Trail Backpack", "category": "outdoor"}
+    texts = ["THE AURORA TRAIL BACKPACK!", "户外精选", "Outdoor gear", "a backpack"]
+    assert grounding_rate(texts, [item] * 4) == 0.75
+    user = {"segment": "student", "locale": "en"}
+    assert personalization_rate(["Perfect For Campus Life.", "perfect for the office"], [user] * 2) == 0.5
+    assert personalization_rate(["perfect for campus life"], [{"segment": "student", "locale": "fr"}]) == 0.0
+    assert grounding_rate(["anything"], [{"title": "", "category": None}]) == 0.0
+
+
+def test_distinct_n_on_hand_made_examples() -> None:
+    assert distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
+    assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)  # ab bc ab bd
+    assert distinct_n(["你好你好"], 1) == pytest.approx(2 / 4)  # Chinese counts characters
+    assert distinct_n(["one"], 2) == 0.0 and distinct_n([], 1) == 0.0
+    tokens = ["Top", "pick:", "极", "光", "背", "包", "，", "好", "！"]
+    assert text_tokens("Top pick: 极光背包，好！") == tokens
+    with pytest.raises(ValueError, match="n >= 1"):
+        distinct_n(["a"], 0)
+
+
+def test_repetition_rate_flags_loops() -> None:
+    looping = "the cat sat on the mat and the cat sat on it"
+    assert repetition_rate([looping]) == 1.0
+    assert repetition_rate(["the cat sat on the mat", looping, "好吃好吃好吃", "好吃的背包"]) == 0.5
+    assert repetition_rate([looping], n=5) == 0.0 and repetition_rate([]) == 0.0
+
+
+def test_perplexity() -> None:
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(50.0)) == pytest.approx(50.0)
+    assert perplexity(1e6) == math.inf
+    with pytest.raises(ValueError, match="loss"):
+        perplexity(-0.1)
+
+
+def test_misaligned_inputs_are_rejected(corpus) -> None:
+    texts, users, items = corpus
+    with pytest.raises(ValueError, match="one item per text"):
+        grounding_rate(texts, items[:-1])
+    with pytest.raises(ValueError, match="one user per text"):
+        evaluate_text(texts[:-1], users, items[:-1])
