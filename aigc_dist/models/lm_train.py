@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +51,37 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, group_batches: int = 20, seed: int = 0
+) -> Iterator[list[int]]:
+    """Endless batches of example indices, drawn from shuffled epochs, that waste little on padding.
+
+    `collate_examples` pads every row to the longest in its batch, so a batch of mixed lengths spends
+    compute on padding. Here the shuffled stream is cut into windows of `group_batches * batch_size`
+    examples; each window is sorted by length, cut into batches, and its batches are yielded in random
+    order. Which examples share a window stays random; within a window, neighbours in length share a
+    batch. group_batches=1 is plain shuffled batching. Epochs run into each other, so every batch is
+    full, even when there are fewer examples than batch_size.
+    """
+    if not lengths:
+        raise ValueError("length_grouped_batches needs at least one example")
+    for name, value in (("batch_size", batch_size), ("group_batches", group_batches)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    rng = random.Random(seed)
+    window = batch_size * group_batches
+    order: list[int] = []
+    while True:
+        while len(order) < window:  # reshuffle per epoch
+            fresh = list(range(len(lengths)))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = sorted(order[:window], key=lengths.__getitem__), order[window:]
+        batches = [picked[start : start + batch_size] for start in range(0, window, batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
 def train_lm(
     model: TransformerLM,
     examples: Sequence[Example],
@@ -62,23 +93,21 @@ def train_lm(
     warmup_steps: int = 20,
     weight_decay: float = 0.01,
     grad_clip: float = 1.0,
+    group_batches: int = 20,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """AdamW with warm-up + cosine on shuffled batches; returns the loss of every step."""
-    rng = random.Random(seed)
-    order: list[int] = []
+    """AdamW with warm-up + cosine on shuffled, length-grouped batches; returns the loss of every step.
+
+    `group_batches` and `seed` pick the batches as in `length_grouped_batches`.
+    """
+    batches = length_grouped_batches([len(ids) for ids, _ in examples], batch_size, group_batches, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, steps))
     model.train()
     losses = []
     for step in range(steps):
-        if len(order) < batch_size:  # reshuffle per epoch
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        picked, order = order[:batch_size], order[batch_size:]
-        loss = lm_loss(model, collate_examples([examples[i] for i in picked], pad_id))
+        loss = lm_loss(model, collate_examples([examples[i] for i in next(batches)], pad_id))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
