@@ -7,25 +7,25 @@ overrides; precedence is overrides > file > defaults.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from aigc_dist.config import AigcConfig, ConfigError, dump_config, load_config
 
 # Subcommands the architecture names that a later issue implements: name -> (help, issue).
 PLANNED: dict[str, tuple[str, int]] = {
-    "train": ("train a generator with Ray Train + DeepSpeed", 4),
-    "export": ("export a training checkpoint as an artifact", 4),
-    "backfill": ("generate content for every candidate with Ray Data", 5),
     "serve": ("serve personalized generation over HTTP with Ray Serve", 6),
     "submit": ("submit train/backfill/export as a Ray job to a cluster", 8),
     "jobs": ("status, logs or stop of a submitted Ray job", 8),
-    "status": ("state, counts and progress of a backfill run", 5),
 }
 
+EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_NOT_IMPLEMENTED = 3
+EXIT_RUN_LOCKED = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_argument(show)
     config_sub.add_parser("reference", help="print every config field as Markdown")
 
+    backfill = sub.add_parser("backfill", help="generate content for every candidate with Ray Data "
+                              "(`backfill status RUN` shows a run)")
+    _add_config_argument(backfill)
+    backfill_sub = backfill.add_subparsers(dest="backfill_command", metavar="[status RUN]")
+    _add_status_arguments(backfill_sub.add_parser("status", help="state, counts, progress and ETA of a run"))
+    _add_status_arguments(sub.add_parser("status", help="state, counts, progress and ETA of a backfill run"))
+
+    train = sub.add_parser("train", help="train a generator with Ray Train + DeepSpeed")
+    train.add_argument("--resume-from", help="checkpoint URI, or a run directory (its newest checkpoint), to start "
+                       "from when this run has no checkpoint of its own yet")
+    _add_config_argument(train)
+
+    export = sub.add_parser("export", help="export a training checkpoint as an artifact")
+    export.add_argument("--checkpoint", required=True,
+                        help="checkpoint URI, or a run directory (its newest checkpoint is exported)")
+    export.add_argument("--output", help="artifact location (default: <storage_path>/models/<name>/<version> "
+                        "of the run that wrote the checkpoint)")
+    _add_config_argument(export)
+
     for name, (help_text, issue) in PLANNED.items():
         planned = sub.add_parser(name, help=f"{help_text} (not implemented yet: issue #{issue})")
         planned.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
-def _add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML or YAML config file")
+def _add_config_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, help="TOML or YAML config file")
+
+
+def _add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="the run: <backfill.output>/<backfill.run_id> (path or s3:// URI)")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_config_argument(parser, default=argparse.SUPPRESS)  # keeps a --config given before `status`
 
 
 def run_config(cfg: AigcConfig, args: argparse.Namespace) -> int:
@@ -76,9 +101,88 @@ def run_demo(cfg: AigcConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_status(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    from aigc_dist.batch.progress import format_status
+    from aigc_dist.batch.progress import run_status as status_of
+    from aigc_dist.storage import Storage
+
+    status = status_of(args.run, Storage(cfg.storage), cfg.backfill.lock_stale_after_s)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def run_backfill(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    if args.backfill_command == "status":
+        return run_status(cfg, args)
+    from aigc_dist.batch.inputs import InputError
+    from aigc_dist.batch.lock import RunLockedError
+    from aigc_dist.batch.pipeline import BackfillError
+    from aigc_dist.batch.pipeline import run_backfill as backfill
+
+    try:
+        manifest = backfill(cfg.backfill, cfg.data, cfg.storage)
+    except RunLockedError as exc:
+        print(f"aigc-dist backfill: {exc}", file=sys.stderr)
+        return EXIT_RUN_LOCKED
+    except (BackfillError, InputError) as exc:  # the message says what to change
+        print(f"aigc-dist backfill: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"aigc-dist backfill: failed: {exc}\n(run the same command again to resume run "
+              f"{cfg.backfill.run_id!r})", file=sys.stderr)
+        return EXIT_FAILED
+    counts = manifest["counts"]
+    print(f"backfill {manifest['run_id']}: complete, {counts['total']:,} rows: {counts['ok']:,} ok, "
+          f"{counts['quarantined']:,} quarantined, {counts['filtered']:,} filtered -> {manifest['root']}")
+    return 0
+
+
+def run_train(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    from aigc_dist.train.trainer import run_training
+
+    try:
+        if args.resume_from:
+            cfg.train.resume_from = args.resume_from
+        result = run_training(cfg.train, cfg.deepspeed, cfg.model, cfg.data, cfg.storage)
+    except ConfigError as exc:
+        print(f"aigc-dist train: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"aigc-dist train: failed: {exc}\n(run the same command again to resume run "
+              f"{cfg.train.run_name!r} from its latest checkpoint)", file=sys.stderr)
+        return EXIT_FAILED
+    loss = result.metrics.get("loss", float("nan"))
+    print(f"train {result.run_name}: {result.step} steps, loss {loss:.4f}; checkpoint {result.checkpoint_uri}; "
+          f"artifact {result.artifact_uri}")
+    return 0
+
+
+def run_export(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    from aigc_dist.storage import Storage
+    from aigc_dist.train.export import export_checkpoint
+
+    try:
+        uri, meta = export_checkpoint(args.checkpoint, Storage(cfg.storage), args.output)
+    except ConfigError as exc:
+        print(f"aigc-dist export: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"aigc-dist export: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"export: step {meta['step']} of run {meta['run']} -> {uri} (digest {meta['digest'][:12]})")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[AigcConfig, argparse.Namespace], int]] = {
+    "backfill": run_backfill,
     "config": run_config,
     "demo": run_demo,
+    "export": run_export,
+    "status": run_status,
+    "train": run_train,
 }
 
 

@@ -39,6 +39,20 @@ class ModelConfig(Section):
     image_size: Literal[8, 16, 32, 64] = Field(16, description="Image side in pixels (cgan/cvae).")
     channels: Literal[1, 3] = Field(1, description="Image channels (cgan/cvae).")
     num_classes: int = Field(10, ge=2, le=100_000, description="Number of condition labels (cgan/cvae).")
+    labels: list[str] = Field(
+        default_factory=list,
+        description="cgan/cvae: a name per condition label, in id order (num_classes of them, or none); "
+        "stored in the artifact so a backfill may condition on a name such as an item category.",
+    )
+
+    @model_validator(mode="after")
+    def _labels_name_every_class(self) -> ModelConfig:
+        if self.labels and (len(self.labels) != self.num_classes or len(set(self.labels)) != len(self.labels)):
+            raise ValueError(
+                f"labels must be {self.num_classes} distinct names, one per class id (got {len(self.labels)} "
+                f"names, {len(set(self.labels))} distinct)"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -59,13 +73,24 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     lr: float = Field(3e-3, gt=0, lt=1, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (cGAN: 0.5 damps momentum in the adversarial game).")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor, as a fraction of lr.")
+    shuffle_buffer: int = Field(
+        1024, ge=0, le=1_000_000, description="Rows each worker shuffles locally per epoch (seeded); 0 = file order."
+    )
+    kl_weight: float = Field(1.0, ge=0, description="cVAE only: weight of the KL term (1.0 = the true ELBO).")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
     seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout.")
     log_every_steps: int = Field(10, ge=1, description="Steps between progress lines.")
     checkpoint_every_steps: int = Field(50, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="How many most recent checkpoints to keep.")
     max_failures: int = Field(1, ge=-1, description="Worker failures tolerated; -1 = unlimited.")
+    resume_from: str | None = Field(
+        None, description="Checkpoint URI to start from when this run has no checkpoint of its own yet."
+    )
+    export_at_end: bool = Field(True, description="Write the artifact to <storage_path>/models/<name>/<version>/.")
 
     @model_validator(mode="after")
     def _warmup_within_run(self) -> TrainConfig:
@@ -83,7 +108,13 @@ class DeepSpeedConfig(Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+        "auto", description="auto = bf16 on GPU, fp32 on CPU; fp16 needs a GPU."
+    )
+    zero3_persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="ZeRO-3: parameters with fewer elements stay whole on every rank (fewer all-gathers); "
+        "0 partitions every parameter.",
     )
 
     @model_validator(mode="after")
@@ -115,6 +146,19 @@ class DataConfig(Section):
     )
     max_field_chars: int = Field(64, ge=1, le=4096, description="Truncation limit per feature value.")
     max_prompt_tokens: int = Field(192, ge=8, le=8192, description="Truncation limit of a whole prompt.")
+    max_id_chars: int = Field(
+        256, ge=1, le=65_536, description="Backfill validation: longer request/user/item ids are quarantined."
+    )
+    max_value_chars: int = Field(
+        4096,
+        ge=1,
+        le=16_777_216,
+        description="Backfill validation: a row with a longer text value is quarantined (shorter values are "
+        "still cut to max_field_chars in the prompt).",
+    )
+    max_broadcast_items: int = Field(
+        5_000_000, ge=1, description="Backfill: the items table is copied to every actor; more rows is an error."
+    )
 
 
 class BackfillConfig(Section):
@@ -140,6 +184,22 @@ class BackfillConfig(Section):
     max_chars: int | None = Field(None, ge=1, description="Filter: longest acceptable copy (characters).")
     banned_terms: list[str] = Field(default_factory=list, description="Filter: copy containing any is dropped.")
     require_item_mention: bool = Field(False, description="Filter: copy must name the item title or category.")
+    min_chars: int = Field(1, ge=0, description="Filter: shortest acceptable copy (characters); 0 keeps empty copy.")
+    image_label_field: str = Field(
+        "item.category",
+        pattern=r"^(user|item)\.[A-Za-z0-9_]+$",
+        description="Image mode: the feature that picks the image's class (an int id, or a name from the "
+        "artifact's conditioning.labels).",
+    )
+    progress_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds between progress lines, progress.json updates and lock heartbeats."
+    )
+    lock_stale_after_s: float = Field(
+        300.0,
+        ge=1,
+        description="A run lock whose heartbeat is older is stale and may be taken over (a lock left by a dead "
+        "process on the same host is stale at once).",
+    )
 
     @model_validator(mode="after")
     def _actor_range(self) -> BackfillConfig:

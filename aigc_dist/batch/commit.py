@@ -1,0 +1,86 @@
+"""Exactly once, by shard: write the shard's files, then claim the shard with an exclusive marker.
+
+An attempt writes `data/` and `errors/` files under names no other attempt uses (a random attempt
+id), then creates `_commits/shard-SSSSS.json` with `if_absent=True`. The marker is the commit: it
+names the files and their row counts. Whatever happens around it:
+
+- a crash before the marker leaves files no marker names; they are never read (the manifest lists
+  committed files only) and the sweep at the end of the run deletes them;
+- two attempts at one shard (a retried task, a zombie worker of a killed driver, two drivers): one
+  marker write wins, the loser deletes its own files and reports the winner's marker.
+
+Files are written whole or not at all (`Storage.write_bytes`), so a marker never names a partial file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aigc_dist.batch.layout import RunLayout, read_commits
+from aigc_dist.storage import AlreadyExistsError, Storage
+
+log = logging.getLogger(__name__)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[str, pa.Table],
+                 stats: dict[str, Any]) -> dict[str, Any]:
+    """Write `outputs` ({"data": table, "errors": table}) as the shard's files and commit them.
+
+    Returns the shard's commit marker: ours, or the one that won if another attempt committed first.
+    """
+    attempt = uuid.uuid4().hex[:12]
+    files = []
+    for kind, table in outputs.items():
+        if table.num_rows == 0:
+            continue
+        relative = layout.output_file(kind, shard, attempt)
+        body = parquet_bytes(table)
+        storage.write_bytes(layout.uri(relative), body)
+        files.append({"path": relative, "kind": kind, "rows": table.num_rows, "bytes": len(body)})
+    marker = {"shard": shard, "attempt": attempt, "committed_at": utc_now(), "files": files, **stats}
+    try:
+        storage.write_json(layout.commit_marker(shard), marker, if_absent=True)
+        return marker
+    except AlreadyExistsError:
+        winner = storage.read_json(layout.commit_marker(shard))
+    # A retried PUT whose first try did land (the connection dropped after the write) finds our own
+    # marker: that is our commit, and its files must stay.
+    if winner["attempt"] != attempt:
+        log.warning("shard %d was committed by attempt %s; discarding attempt %s", shard, winner["attempt"], attempt)
+        for entry in files:
+            storage.delete(layout.uri(entry["path"]))
+    return winner
+
+
+def sweep_uncommitted(layout: RunLayout, storage: Storage) -> list[str]:
+    """Delete the data/ and errors/ files no commit marker names; returns what was deleted.
+
+    Run only when every shard is committed: files are listed before markers, so a file whose attempt
+    commits in between is still kept, and once all shards are committed no attempt can commit again.
+    """
+    listed = storage.list(layout.uri("data")) + storage.list(layout.uri("errors"))
+    kept = {layout.uri(entry["path"]) for marker in read_commits(layout, storage).values()
+            for entry in marker["files"]}
+    orphans = [uri for uri in listed if uri not in kept]
+    for uri in orphans:
+        storage.delete(uri)
+    if orphans:
+        log.info("deleted %d files of attempts that never committed", len(orphans))
+    return orphans

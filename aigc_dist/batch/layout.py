@@ -1,0 +1,125 @@
+"""The output contract of a backfill run: where everything lives under `<output>/<run_id>/`.
+
+    data/shard-SSSSS-ATTEMPT.parquet     generated rows of one shard (one file per committed shard)
+    errors/shard-SSSSS-ATTEMPT.parquet   quarantined and filtered rows of one shard, with the reason
+    _commits/shard-SSSSS.json            commit marker: the shard's files, counts, tokens, timings
+    _manifest.json                       written last, when every shard is committed
+    _run.json, _plan.json                what the run was started with; how its input was sharded
+    _lock, _progress.json                the driver holding the run, and its latest progress line
+    _work/                               the input partitioned by shard (deleted when the run completes)
+
+Readers trust only the files `_manifest.json` lists (`read_output` does exactly that); files of an
+attempt that never committed may exist while a run is in progress or after a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aigc_dist.storage import Storage, join_uri
+
+MANIFEST_FORMAT = 1
+_MODEL_COLUMNS = [("model_name", pa.string()), ("model_version", pa.string()), ("model_digest", pa.string()),
+                  ("seed", pa.int64())]
+_KEYS = [("request_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string())]
+_CREATED = ("created_at", pa.timestamp("ms", tz="UTC"))
+
+TEXT_SCHEMA = pa.schema([
+    *_KEYS, ("content", pa.string()), *_MODEL_COLUMNS,
+    ("temperature", pa.float64()), ("top_k", pa.int32()), ("top_p", pa.float64()), ("max_new_tokens", pa.int32()),
+    ("num_tokens", pa.int32()), ("prompt_tokens", pa.int32()), ("finished", pa.bool_()),
+    ("grounded", pa.bool_()), ("personalized", pa.bool_()), ("num_chars", pa.int32()), ("repetitive", pa.bool_()),
+    _CREATED,
+])
+IMAGE_SCHEMA = pa.schema([
+    *_KEYS, ("image", pa.binary()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
+    ("num_bytes", pa.int32()), *_MODEL_COLUMNS, _CREATED,
+])
+ERRORS_SCHEMA = pa.schema([
+    *_KEYS, ("stage", pa.string()), ("error", pa.string()), ("raw", pa.large_string()), ("content", pa.string()),
+    _CREATED,
+])
+# Where a row can fail, in pipeline order; "filter" rows count as filtered, the others as quarantined.
+STAGES = ("read", "validate", "join", "prompt", "generate", "filter")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Locations of one run's objects; `root` is `<output>/<run_id>` (a path or an s3:// URI)."""
+
+    root: str
+
+    def uri(self, relative: str) -> str:
+        return join_uri(self.root, relative)
+
+    @property
+    def manifest(self) -> str:
+        return self.uri("_manifest.json")
+
+    @property
+    def run_info(self) -> str:
+        return self.uri("_run.json")
+
+    @property
+    def plan(self) -> str:
+        return self.uri("_plan.json")
+
+    @property
+    def lock(self) -> str:
+        return self.uri("_lock")
+
+    @property
+    def progress(self) -> str:
+        return self.uri("_progress.json")
+
+    @property
+    def commits(self) -> str:
+        return self.uri("_commits")
+
+    @property
+    def work(self) -> str:
+        return self.uri("_work")
+
+    def work_dir(self, part: str, shard: int) -> str:
+        """Ray Data writes `_work/part=<requests|users>/shard=<k>/...` (hive partitioning)."""
+        return self.uri(f"_work/part={part}/shard={shard}")
+
+    def commit_marker(self, shard: int) -> str:
+        return self.uri(f"_commits/shard-{shard:05d}.json")
+
+    @staticmethod
+    def output_file(kind: str, shard: int, attempt: str) -> str:
+        """Relative path of a shard attempt's data or errors file."""
+        return f"{kind}/shard-{shard:05d}-{attempt}.parquet"
+
+
+def read_commits(layout: RunLayout, storage: Storage) -> dict[int, dict[str, Any]]:
+    """Every commit marker of the run, by shard."""
+    markers = [uri for uri in storage.list(layout.commits) if uri.endswith(".json")]
+    commits = [storage.read_json(uri) for uri in markers]
+    return {c["shard"]: c for c in commits}
+
+
+def read_manifest(root: str, storage: Storage) -> dict[str, Any]:
+    """The manifest of a completed run; FileNotFoundError while the run is incomplete."""
+    return storage.read_json(RunLayout(root).manifest)
+
+
+def read_output(root: str, storage: Storage | None = None) -> tuple[pa.Table, pa.Table]:
+    """(data, errors) of a completed run, from exactly the files its manifest lists."""
+    storage = storage or Storage()
+    manifest = read_manifest(root, storage)
+    layout = RunLayout(root)
+    schema = TEXT_SCHEMA if manifest["mode"] == "text" else IMAGE_SCHEMA
+    tables = []
+    for kind, kind_schema in (("data", schema), ("errors", ERRORS_SCHEMA)):
+        parts = []
+        for entry in manifest["files"][kind]:
+            fs, path = storage.filesystem(layout.uri(entry["path"]))
+            parts.append(pq.read_table(path, filesystem=fs, schema=kind_schema))
+        tables.append(pa.concat_tables(parts) if parts else kind_schema.empty_table())
+    return tables[0], tables[1]

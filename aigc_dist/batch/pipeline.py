@@ -1,0 +1,278 @@
+"""The backfill driver: one run of `aigc-dist backfill`, resumable and exactly once.
+
+    1. lock the run (lock.py) and record what it was started with (`_run.json`);
+    2. partition: Ray Data reads and validates the requests side (candidates or requests) and the
+       users, and writes them under `_work/` partitioned by shard (a stable hash: candidates and
+       users by user_id, so each shard joins against its own slice of users; requests by request_id);
+       `_plan.json` then fixes the shard count, so every later session sees the same shards;
+    3. stream the shards not yet committed through prepare -> generate -> finish (shards.py); each
+       shard commits itself (commit.py) and the driver counts the markers (progress.py);
+    4. when every shard is committed: sweep files of attempts that never committed, write
+       `_manifest.json` last, delete `_work/`.
+
+A session killed anywhere resumes from its last commit: step 2 is redone from scratch until its plan
+exists, and step 3 skips committed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from aigc_dist.batch.commit import sweep_uncommitted
+from aigc_dist.batch.inputs import InputTable, RowRules, count_rows, read_work_rows, resolve_input
+from aigc_dist.batch.layout import RunLayout, read_commits
+from aigc_dist.batch.lock import RunLock
+from aigc_dist.batch.progress import Progress, build_manifest
+from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer, finish_shards
+from aigc_dist.config import BackfillConfig, DataConfig, StorageConfig, config_digest
+from aigc_dist.data.prompts import PromptTemplate, template_digest
+from aigc_dist.storage import Storage, join_uri, parse_uri
+
+log = logging.getLogger(__name__)
+
+# Environment variable naming a point where the driver SIGKILLs itself ("name" or "name:N" for the
+# N-th time it is reached): how the crash tests stop a driver at an exact place.
+FAILPOINT_ENV = "AIGC_DIST_FAILPOINT"
+_failpoint_hits: dict[str, int] = {}
+# Logical CPUs of the per-shard stages besides the generators (Ray Data must never starve them).
+PREPARE_CPUS, FINISH_CPUS = 1.0, 0.5
+
+
+class BackfillError(RuntimeError):
+    """A run that cannot start or finish as configured; the message says what to change."""
+
+
+def _failpoint(name: str) -> None:
+    wanted = os.environ.get(FAILPOINT_ENV, "")
+    target, _, nth = wanted.partition(":")
+    if target != name:
+        return
+    _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+    if _failpoint_hits[name] >= int(nth or 1):
+        log.warning("failpoint %s reached: killing the driver (pid %d)", wanted, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def describe_artifact(uri: str, storage: Storage) -> dict[str, Any]:
+    """What the driver needs of an artifact without loading its weights: kind, identity, template, sizes."""
+    from aigc_dist.models.artifact import CONFIG_FILE, METADATA_FILE
+
+    try:
+        config = storage.read_json(join_uri(uri, CONFIG_FILE))
+        meta = storage.read_json(join_uri(uri, METADATA_FILE))
+    except FileNotFoundError as exc:
+        raise BackfillError(f"backfill.artifact: {uri} is not a complete artifact ({exc} is missing)") from None
+    model = config.get("model", {})
+    conditioning = config.get("conditioning") or {}
+    return {"kind": config.get("kind"), "uri": uri, "name": meta.get("name", "?"), "version": meta.get("version", "?"),
+            "digest": meta["digest"], "max_seq_len": model.get("max_seq_len"),
+            "num_classes": model.get("num_classes"), "template": conditioning.get("prompt_template"),
+            "tokenizer": config.get("tokenizer"), "labels": list(conditioning.get("labels", []))}
+
+
+def resolve_tables(data: DataConfig, storage: Storage) -> dict[str, InputTable]:
+    """candidates + users + items, or requests: whichever the data section names."""
+    if data.requests:
+        if data.candidates or data.users or data.items:
+            raise BackfillError("data.requests is a pre-joined table: leave data.candidates, data.users and "
+                                "data.items unset when it is given")
+        return {"requests": resolve_input("requests", data.requests, data.format, storage)}
+    missing = [name for name in ("candidates", "users", "items") if getattr(data, name) is None]
+    if missing:
+        raise BackfillError(f"set data.{', data.'.join(missing)} (or data.requests for a pre-joined table)")
+    return {name: resolve_input(name, getattr(data, name), data.format, storage)
+            for name in ("candidates", "users", "items")}
+
+
+def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any]) -> dict[str, Any]:
+    """What a run is: resuming it with anything that changes its output would mix two outputs."""
+    decisive = backfill.model_dump(mode="json", exclude={
+        "run_id", "output", "artifact", "min_actors", "max_actors", "cpus_per_actor", "gpus_per_actor",
+        "progress_interval_s", "lock_stale_after_s"})
+    decisive["data"] = data.model_dump(mode="json", include={"max_id_chars", "max_value_chars", "format"})
+    decisive["model_digest"] = model["digest"]
+    digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+    return {"output_digest": digest,
+            "config_digest": {"backfill": config_digest(backfill), "data": config_digest(data)}}
+
+
+def _id_salt(backfill: BackfillConfig, model: dict[str, Any]) -> str:
+    """The "template" part of default request ids: the prompt template, or the image condition."""
+    if backfill.mode == "text":
+        return template_digest(PromptTemplate(**model["template"]))
+    return hashlib.sha256(f"image:{backfill.image_label_field}".encode()).hexdigest()[:16]
+
+
+def _record_run(layout: RunLayout, storage: Storage, backfill: BackfillConfig, model: dict[str, Any],
+                identity: dict[str, Any]) -> dict[str, Any]:
+    """`_run.json` of a new run, or the existing one after checking it is the same run."""
+    if storage.exists(layout.run_info):
+        run_info = storage.read_json(layout.run_info)
+        if run_info["output_digest"] != identity["output_digest"]:
+            raise BackfillError(
+                f"run {backfill.run_id} at {layout.root} was started with another model or other output settings "
+                "(sampling, seed, filters, rows_per_file, batch_size, validation limits); resume it with the "
+                "same config, or use a new backfill.run_id")
+        return run_info
+    run_info = {"run_id": backfill.run_id, "mode": backfill.mode, "started_at": time.time(),
+                "model": {k: model[k] for k in ("name", "version", "digest", "kind", "uri")}, **identity}
+    storage.write_json(layout.run_info, run_info)
+    return run_info
+
+
+def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable], backfill: BackfillConfig,
+               data: DataConfig, id_salt: str) -> dict[str, Any]:
+    """Write the input partitioned by shard under `_work/` (once per run) and return the plan."""
+    fingerprint = [table.fingerprint for table in tables.values()]
+    if storage.exists(layout.plan):
+        plan = storage.read_json(layout.plan)
+        if plan["inputs"] != fingerprint:
+            raise BackfillError(f"the input files changed since run {backfill.run_id} started (names or sizes "
+                                "differ); use a new backfill.run_id for new input")
+        return plan
+    fs, work = storage.filesystem(layout.work)
+    fs.delete_dir_contents(work, missing_dir_ok=True)  # a partition pass that died half-way
+    side = "requests" if "requests" in tables else "candidates"
+    total = count_rows(tables[side], storage)
+    num_shards = max(1, math.ceil(total / backfill.rows_per_file))
+    log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
+    parts = [read_work_rows(tables[name], RowRules(name, num_shards, id_salt, data.max_id_chars,
+                                                   data.max_value_chars), storage, part=part)
+             for name, part in ((side, "requests"), ("users", "users")) if name in tables]
+    out_fs, out_path = storage.filesystem(layout.work)
+    work = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    work.write_parquet(out_path, filesystem=out_fs, partition_cols=["part", "shard"])
+    _failpoint("partitioned")
+    plan = {"num_shards": num_shards, "total_rows": total, "rows_per_file": backfill.rows_per_file,
+            "inputs": fingerprint, "planned_at": time.time()}
+    storage.write_json(layout.plan, plan)
+    return plan
+
+
+def _item_refs(tables: dict[str, InputTable], data: DataConfig, storage: Storage) -> tuple[Any, list[Any]]:
+    """The items table, validated, as object-store blocks every preparer actor fetches once (a broadcast)."""
+    items = read_work_rows(tables["items"], RowRules("items", 1, "", data.max_id_chars, data.max_value_chars),
+                           storage).materialize()
+    count = items.count()
+    if count > data.max_broadcast_items:
+        raise BackfillError(f"the items table has {count:,} rows, more than data.max_broadcast_items="
+                            f"{data.max_broadcast_items:,}; every preparer actor holds a copy of it")
+    return items, items.to_arrow_refs()
+
+
+def ensure_ray(backfill: BackfillConfig) -> None:
+    """Join the cluster in RAY_ADDRESS (a Ray job), else start a local Ray sized for the actor pools."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    # Logical CPUs for the generators, the preparers and the read/finish tasks: an actor pool that
+    # takes every CPU leaves none for the tasks that feed it, and the pipeline deadlocks.
+    needed = math.ceil(backfill.max_actors * (backfill.cpus_per_actor + PREPARE_CPUS) + 2)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[Any]) -> Iterator[dict[str, Any]]:
+    """Stream the pending shards through prepare -> generate -> finish; yields each commit marker."""
+    import ray
+
+    backfill = context.backfill
+    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(ShardPreparer, batch_size=1, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=backfill.max_actors),
+                        fn_constructor_kwargs={"context": context, "item_refs": item_refs})
+    ds = ds.map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow", num_cpus=backfill.cpus_per_actor,
+                        num_gpus=backfill.gpus_per_actor or None,
+                        compute=ray.data.ActorPoolStrategy(min_size=backfill.min_actors, max_size=backfill.max_actors,
+                                                           max_tasks_in_flight_per_actor=2),
+                        fn_constructor_kwargs={"context": context})
+    ds = ds.map_batches(finish_shards, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS,
+                        fn_kwargs={"context": context})
+    for row in ds.iter_rows():
+        yield json.loads(row["commit"])
+
+
+def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
+    wanted_kinds = ("lm",) if backfill.mode == "text" else ("cgan", "cvae")
+    if model["kind"] not in wanted_kinds:
+        raise BackfillError(f"backfill.mode={backfill.mode} needs a {' or '.join(wanted_kinds)} artifact; "
+                            f"{backfill.artifact} is a {model['kind']!r} artifact")
+    if backfill.mode == "text" and not (model["template"] and model["tokenizer"]):
+        raise BackfillError(f"{backfill.artifact} has no tokenizer or no conditioning.prompt_template to render "
+                            "prompts with")
+
+
+def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: dict[str, Any],
+            progress: Progress) -> dict[str, Any]:
+    """Every shard committed: sweep uncommitted files, write the manifest (last), drop the work files."""
+    committed = read_commits(layout, storage)
+    missing = sorted(set(range(plan["num_shards"])) - set(committed))
+    if missing:
+        raise BackfillError(f"shards {missing[:10]} did not commit; run again to resume")
+    _failpoint("before_manifest")
+    sweep_uncommitted(layout, storage)
+    manifest = build_manifest(layout, run_info, plan, committed, progress)
+    storage.write_json(layout.manifest, manifest)
+    fs, work = storage.filesystem(layout.work)
+    if fs.get_file_info(work).type == pafs.FileType.Directory:
+        fs.delete_dir(work)
+    storage.delete(layout.progress)
+    return manifest
+
+
+def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: StorageConfig) -> dict[str, Any]:
+    """Run (or resume, or find complete) the backfill `backfill.run_id`; returns its manifest."""
+    started = time.time()
+    storage = Storage(storage_config)
+    if backfill.artifact is None:
+        raise BackfillError("backfill.artifact is not set: give the artifact directory (path or s3:// URI)")
+    model = describe_artifact(backfill.artifact, storage)
+    _check_artifact(backfill, model)
+    tables = resolve_tables(data, storage)
+    layout = RunLayout(parse_uri(join_uri(backfill.output, backfill.run_id)).uri)
+    identity = _identity(backfill, data, model)
+    if storage.exists(layout.manifest):
+        manifest = storage.read_json(layout.manifest)
+        if manifest["output_digest"] != identity["output_digest"]:
+            raise BackfillError(f"run {backfill.run_id} at {layout.root} is complete, with other settings; "
+                                "use a new backfill.run_id")
+        log.info("backfill %s is already complete: %s", backfill.run_id, layout.manifest)
+        return manifest
+    ensure_ray(backfill)
+    with RunLock(layout.lock, storage, backfill.lock_stale_after_s) as lock:
+        run_info = _record_run(layout, storage, backfill, model, identity)
+        plan = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model))
+        committed = read_commits(layout, storage)
+        pending = [k for k in range(plan["num_shards"]) if k not in committed]
+        log.info("backfill %s: %d of %d shards to do (%s)", backfill.run_id, len(pending), plan["num_shards"],
+                 layout.root)
+        progress = Progress(layout, storage, backfill.run_id, plan, committed, started)
+        with progress.reporting(lock.heartbeat, backfill.progress_interval_s):
+            if pending:
+                joins_users = "users" in tables
+                items, item_refs = _item_refs(tables, data, storage) if joins_users else (None, [])
+                context = ShardContext(layout.root, backfill, storage_config, joins_users, model,
+                                       model["template"], model["tokenizer"], model["labels"])
+                for marker in _shard_pipeline(pending, context, item_refs):
+                    progress.add(marker)
+                    progress.check()
+                    _failpoint("shard_committed")
+                del items  # the broadcast catalog may leave the object store now
+        manifest = _finish(layout, storage, run_info, plan, progress)
+    counts = manifest["counts"]
+    log.info("backfill %s complete: %d rows (%d ok, %d quarantined, %d filtered) -> %s", backfill.run_id,
+             counts["total"], counts["ok"], counts["quarantined"], counts["filtered"], layout.manifest)
+    return manifest

@@ -1,0 +1,167 @@
+"""Training checkpoints: DeepSpeed shards from every rank plus the loop's own state, in one directory.
+
+    <storage_path>/<run_name>/checkpoint_<step:08d>/
+        trainer_state.json            rank 0: step, data position, history, what to export and how
+        <engine>/latest               DeepSpeed: tag of the newest state ("state")
+        <engine>/state/*.pt           DeepSpeed: model states and each rank's ZeRO optimizer shard
+        <engine>/zero_to_fp32.py      DeepSpeed's own consolidation script
+
+Each rank writes its shard into a local temporary directory and hands it to `ray.train.report`,
+which merges the ranks' directories at the run's storage path (local or S3) and keeps the newest
+`keep_checkpoints`. Ray Train remembers a run's checkpoints under its name, so starting the same
+run again, or a restart after a worker failure, resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from aigc_dist.config import ConfigError
+from aigc_dist.storage import Storage, join_uri, parse_uri
+
+STATE_FILE = "trainer_state.json"
+DEEPSPEED_TAG = "state"
+CHECKPOINT_PREFIX = "checkpoint_"
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Zero-padded so names sort in step order: checkpoint_00000050."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+@dataclass
+class TrainerState:
+    """The loop's state that DeepSpeed does not keep, saved by rank 0 beside the shards."""
+
+    kind: str  # lm, cgan or cvae
+    engines: list[str]  # DeepSpeed engine sub-directories
+    artifact_engine: str  # which engine's module is the artifact
+    artifact: dict[str, Any]  # kind, model hyper-parameters, tokenizer, conditioning (see export.py)
+    zero_stage: int
+    world_size: int
+    run_name: str
+    name: str  # artifact name and version the run exports to
+    version: str
+    storage_path: str
+    step: int = 0  # optimizer steps done
+    micro_steps: int = 0  # micro-batches done (step * grad_accum_steps at a checkpoint)
+    epoch: int = 0  # passes over the dataset started before this one
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per rank)
+    samples: int = 0  # examples trained on, all ranks
+    tokens: int = 0  # input tokens trained on, all ranks (text only)
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per progress line
+    attempt_starts: list[int] = field(default_factory=list)  # step at which each (re)start began
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        data = json.loads(text)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{STATE_FILE}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}")
+        return cls(**data)
+
+    def write(self, directory: str) -> None:
+        with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as fh:
+            fh.write(self.to_json())
+
+    @classmethod
+    def read(cls, directory: str) -> TrainerState:
+        with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as fh:
+            return cls.from_json(fh.read())
+
+
+def read_trainer_state(checkpoint_uri: str, storage: Storage) -> TrainerState:
+    """A checkpoint's trainer_state.json, read straight from its storage."""
+    return TrainerState.from_json(storage.read_bytes(join_uri(checkpoint_uri, STATE_FILE)).decode("utf-8"))
+
+
+def shard_files(state: TrainerState) -> list[str]:
+    """The files every rank's part of a checkpoint adds, relative to the checkpoint directory."""
+    files = []
+    for engine in state.engines:
+        base = f"{engine}/{DEEPSPEED_TAG}"
+        files.append(f"{engine}/latest")
+        if state.zero_stage == 3:
+            files += [f"{base}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(state.world_size)]
+        else:
+            files.append(f"{base}/mp_rank_00_model_states.pt")
+        if state.zero_stage >= 1:
+            files += [f"{base}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(state.world_size)]
+    return files
+
+
+def checkpoint_complete(uri: str, storage: Storage) -> bool:
+    """True when the checkpoint at `uri` holds its state file and every rank's shards: a run killed
+    while uploading leaves a directory with only some ranks' files, which must not be resumed."""
+    try:
+        state = read_trainer_state(uri, storage)
+    except FileNotFoundError:
+        return False
+    base = parse_uri(uri).uri.rstrip("/") + "/"
+    present = {f.removeprefix(base) for f in storage.list(uri)}
+    return set(shard_files(state)) <= present
+
+
+def find_checkpoint(uri: str, storage: Storage, what: str = "train.resume_from") -> str:
+    """The complete checkpoint at `uri`, or the newest complete one under a run directory at `uri`.
+
+    `ConfigError` naming `what` when there is none, so a typo fails before any worker starts.
+    """
+    if storage.exists(join_uri(uri, STATE_FILE)):
+        if not checkpoint_complete(uri, storage):
+            raise ConfigError(f"{what}: the checkpoint at {uri!r} is incomplete (some ranks' shards are missing)")
+        return uri.rstrip("/")
+    fs, path = storage.filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        os.path.basename(info.path)
+        for info in infos
+        if info.type == pafs.FileType.Directory and os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
+    )
+    for name in reversed(names):
+        candidate = join_uri(uri, name)
+        if checkpoint_complete(candidate, storage):
+            return candidate
+    raise ConfigError(f"{what}: no complete checkpoint at {uri!r} (no {STATE_FILE} and shards there or in a "
+                      "checkpoint_* below)")
+
+
+def download_checkpoint(uri: str, storage: Storage, local_dir: str, engine: str | None = None) -> str:
+    """Copy a checkpoint (or just its state file and one engine's files) to `local_dir`; returns it."""
+    fs, path = storage.filesystem(uri)
+    local = pafs.LocalFileSystem()
+    if engine is None:
+        pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=local)
+        return local_dir
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(f"{path}/{STATE_FILE}", os.path.join(local_dir, STATE_FILE), source_filesystem=fs,
+                    destination_filesystem=local)
+    pafs.copy_files(f"{path}/{engine}", os.path.join(local_dir, engine), source_filesystem=fs,
+                    destination_filesystem=local)
+    return local_dir
+
+
+def check_resumable(state: TrainerState, *, kind: str, world_size: int, zero_stage: int, source: str) -> None:
+    """A checkpoint can resume this run only with the same generator, worker count and ZeRO stage
+    (ZeRO shards are cut per rank); anything else is a `ConfigError` saying what to change."""
+    problems = []
+    if state.kind != kind:
+        problems.append(f"model.kind is {kind!r} but the checkpoint holds a {state.kind!r} model")
+    if state.world_size != world_size:
+        problems.append(f"train.num_workers is {world_size} but the checkpoint was written by {state.world_size}")
+    if state.zero_stage != zero_stage:
+        problems.append(f"deepspeed.zero_stage is {zero_stage} but the checkpoint was written with {state.zero_stage}")
+    if problems:
+        raise ConfigError(
+            [f"cannot resume from {source} at step {state.step}: {p}" for p in problems]
+            + ["use the checkpoint's settings, or export it (aigc-dist export) and start a new run"]
+        )

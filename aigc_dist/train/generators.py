@@ -1,0 +1,272 @@
+"""How each generator family trains under DeepSpeed: its modules, its data, one step, its artifact.
+
+A recipe knows nothing of Ray Train's loop, checkpoints or logging (that is `loop.py`); the loop
+knows nothing of what a batch means. The maths is the single-process code's: `lm_loss` for text,
+`elbo_loss` for the cVAE, and `cgan_train_step`'s losses for the cGAN, here stepped through
+DeepSpeed engines (`engine.backward`, `engine.step`) instead of plain optimizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aigc_dist.config import ConfigError, DataConfig, ModelConfig, StorageConfig, TrainConfig
+from aigc_dist.engine.text import prompt_conditioning
+from aigc_dist.models.cgan import CGANConfig, Discriminator, Generator
+from aigc_dist.models.cvae import CVAE, CVAEConfig, elbo_loss
+from aigc_dist.models.lm import LM_PRESETS, TransformerLM, lm_config_from_preset
+from aigc_dist.models.lm_train import collate_examples, lm_loss
+from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.train.datasets import image_dataset, lm_dataset, prompt_template
+
+# Image generator sizes by preset, as plain data (the LM's are `LM_PRESETS`).
+IMAGE_PRESETS: dict[str, dict[str, dict[str, int]]] = {
+    "cgan": {
+        "tiny": {"width": 16, "z_dim": 32},  # ~0.1M parameters at 16x16: tests and the CPU demo
+        "small": {"width": 32, "z_dim": 64},
+        "base": {"width": 64, "z_dim": 128},
+    },
+    "cvae": {
+        "tiny": {"width": 16, "hidden_dim": 128, "latent_dim": 16},
+        "small": {"width": 32, "hidden_dim": 256, "latent_dim": 16},
+        "base": {"width": 64, "hidden_dim": 512, "latent_dim": 32},
+    },
+}
+
+
+@dataclass
+class StepResult:
+    """What one micro-batch did, summed over its examples where that makes sense."""
+
+    loss: float  # the loss the progress line shows (lm: copy cross-entropy, cgan: generator, cvae: -ELBO)
+    samples: int
+    tokens: int = 0  # input tokens (text only)
+    extra: dict[str, float] = field(default_factory=dict)  # further per-step means, e.g. loss_d
+
+
+class Recipe(Protocol):
+    """One generator family, as the worker loop drives it."""
+
+    kind: str  # artifact kind: lm, cgan or cvae
+    engine_names: tuple[str, ...]  # one DeepSpeed engine per name; also checkpoint sub-directories
+    artifact_engine: str  # the engine whose module becomes the artifact
+    throughput_unit: str  # "tokens" or "samples": what the progress line counts per second
+
+    def build_modules(self) -> dict[str, nn.Module]: ...
+
+    def dataset(self, train: TrainConfig, data: DataConfig, storage: StorageConfig) -> Any: ...
+
+    def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult: ...
+
+    def artifact_spec(self) -> dict[str, Any]: ...
+
+
+def lm_batch_tensors(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """A numpy batch from the dataset shard -> `collate_examples` tensors (input_ids, targets, loss_mask)."""
+    examples = [
+        (ids.tolist(), mask.tolist()) for ids, mask in zip(batch["input_ids"], batch["loss_mask"], strict=True)
+    ]
+    return collate_examples(examples, pad_id)
+
+
+def image_batch_tensors(
+    batch: dict[str, np.ndarray], channels: int, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A numpy batch -> images [B, C, H, W] in [0, 1] and labels [B]; a size mismatch names the fields."""
+    pixels = np.stack(list(batch["pixels"])).astype(np.float32)  # [B, C*H*W]
+    expected = channels * image_size * image_size
+    if pixels.shape[1] != expected:
+        raise ConfigError(
+            f"train.dataset rows have {pixels.shape[1]} pixels but model.channels={channels} and "
+            f"model.image_size={image_size} need {expected}"
+        )
+    images = torch.from_numpy(pixels).view(-1, channels, image_size, image_size)
+    return images, torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+
+
+class LMRecipe:
+    """The conditional Transformer: prompt (user + item features) -> copy; loss on the copy only."""
+
+    kind = "lm"
+    engine_names = ("model",)
+    artifact_engine = "model"
+    throughput_unit = "tokens"
+
+    def __init__(self, model: ModelConfig, data: DataConfig, train: TrainConfig):
+        if model.preset not in LM_PRESETS:
+            choices = ", ".join(LM_PRESETS)
+            raise ConfigError(f"model.preset: unknown lm preset {model.preset!r}; choose one of {choices}")
+        overrides = {"max_seq_len": model.max_seq_len} if model.max_seq_len is not None else {}
+        self.config = lm_config_from_preset(model.preset, **overrides)
+        self.template = prompt_template(data)
+        self.tokenizer = ByteTokenizer()
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"model": TransformerLM(self.config)}
+
+    def dataset(self, train: TrainConfig, data: DataConfig, storage: StorageConfig) -> Any:
+        return lm_dataset(_dataset_uri(train), data, self.config.max_seq_len, storage)
+
+    def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
+        engine = engines["model"]
+        tensors = {k: v.to(device) for k, v in lm_batch_tensors(batch, self.tokenizer.pad_id).items()}
+        loss = lm_loss(engine, tensors)
+        engine.backward(loss)
+        engine.step()
+        tokens = int(np.sum(batch["num_tokens"])) - len(batch["num_tokens"])  # inputs, after the shift
+        return StepResult(loss=loss.item(), samples=len(batch["num_tokens"]), tokens=tokens)
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.config.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "conditioning": prompt_conditioning(self.template),
+        }
+
+
+class _ImageRecipe:
+    throughput_unit = "samples"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig, precision_dtype: torch.dtype):
+        presets = IMAGE_PRESETS[self.kind]
+        if model.preset not in presets:
+            raise ConfigError(
+                f"model.preset: unknown {self.kind} preset {model.preset!r}; choose one of {', '.join(presets)}"
+            )
+        self.model = model
+        self.train = train
+        self.dtype = precision_dtype  # DeepSpeed casts the module, not its inputs
+
+    def dataset(self, train: TrainConfig, data: DataConfig, storage: StorageConfig) -> Any:
+        return image_dataset(_dataset_uri(train), storage)
+
+    def _batch(self, batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = image_batch_tensors(batch, self.model.channels, self.model.image_size)
+        return images.to(device, self.dtype), labels.to(device)
+
+    def artifact_spec(self) -> dict[str, Any]:
+        conditioning = {"labels": list(self.model.labels)} if self.model.labels else {}
+        return {"kind": self.kind, "model": self.config.to_dict(), "tokenizer": None, "conditioning": conditioning}
+
+
+class CVAERecipe(_ImageRecipe):
+    """Conditional VAE: one engine, negative ELBO."""
+
+    kind = "cvae"
+    engine_names = ("model",)
+    artifact_engine = "model"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig, precision_dtype: torch.dtype):
+        super().__init__(model, train, precision_dtype)
+        self.config = CVAEConfig(
+            image_size=model.image_size,
+            channels=model.channels,
+            num_classes=model.num_classes,
+            **IMAGE_PRESETS["cvae"][model.preset],
+        )
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"model": CVAE(self.config)}
+
+    def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
+        engine = engines["model"]
+        images, labels = self._batch(batch, device)
+        logits, mu, logvar = engine(images, labels)
+        losses = elbo_loss(logits.float(), images.float(), mu.float(), logvar.float(), beta=self.train.kl_weight)
+        engine.backward(losses["total"])
+        engine.step()
+        return StepResult(
+            loss=losses["total"].item(),
+            samples=images.shape[0],
+            extra={"reconstruction": losses["reconstruction"].item(), "kl": losses["kl"].item()},
+        )
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """No gradients for `module` inside: the generator's loss must not touch the discriminator's
+    gradients (DeepSpeed reduces gradients from hooks the moment they are produced)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class CGANRecipe(_ImageRecipe):
+    """Conditional DCGAN: a generator and a discriminator engine, stepped alternately."""
+
+    kind = "cgan"
+    engine_names = ("generator", "discriminator")
+    artifact_engine = "generator"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig, precision_dtype: torch.dtype):
+        super().__init__(model, train, precision_dtype)
+        self.config = CGANConfig(
+            image_size=model.image_size,
+            channels=model.channels,
+            num_classes=model.num_classes,
+            **IMAGE_PRESETS["cgan"][model.preset],
+        )
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"generator": Generator(self.config), "discriminator": Discriminator(self.config)}
+
+    def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
+        gen, disc = engines["generator"], engines["discriminator"]
+        images, labels = self._batch(batch, device)
+        real = images * 2.0 - 1.0  # [0, 1] -> the generator's Tanh range [-1, 1]
+        z = torch.randn(images.shape[0], self.config.z_dim, device=device, dtype=self.dtype)  # [N, z_dim]
+        fake = gen(z, labels)  # [N, C, H, W]
+
+        logits_real = disc(real, labels).float()  # [N]
+        logits_fake = disc(fake.detach(), labels).float()  # [N]
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real, torch.ones_like(logits_real)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        disc.backward(loss_d)
+        disc.step()
+
+        with _frozen(disc.module):
+            logits_gen = disc(fake, labels).float()  # [N]
+        loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+        gen.backward(loss_g)
+        gen.step()
+        return StepResult(
+            loss=loss_g.item(),
+            samples=images.shape[0],
+            extra={
+                "loss_d": loss_d.item(),
+                "d_real": torch.sigmoid(logits_real).mean().item(),
+                "d_fake": torch.sigmoid(logits_fake).mean().item(),
+            },
+        )
+
+
+def _dataset_uri(train: TrainConfig) -> str:
+    if not train.dataset:
+        raise ConfigError("train.dataset: required (parquet path or s3:// URI of the training examples)")
+    return train.dataset
+
+
+def make_recipe(
+    model: ModelConfig, data: DataConfig, train: TrainConfig, precision_dtype: torch.dtype = torch.float32
+) -> Recipe:
+    """The recipe for `model.kind`; a `ConfigError` names the field when the preset is unknown."""
+    if model.kind == "lm":
+        return LMRecipe(model, data, train)
+    if model.kind == "cvae":
+        return CVAERecipe(model, train, precision_dtype)
+    return CGANRecipe(model, train, precision_dtype)

@@ -1,0 +1,148 @@
+"""Text backfills end to end on a real local Ray: to S3 over HTTP, bad input, a pre-joined table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aigc_dist.batch.inputs import stable_request_id
+from aigc_dist.batch.layout import read_output
+from aigc_dist.batch.pipeline import run_backfill
+from aigc_dist.batch.progress import run_status
+from aigc_dist.batch.shards import row_seed
+from aigc_dist.cli import main
+from aigc_dist.config import DataConfig, StorageConfig
+from aigc_dist.data.prompts import template_digest
+from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
+from aigc_dist.storage import Storage, join_uri
+
+pytestmark = pytest.mark.slow
+
+
+def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, kit, capsys):
+    storage = Storage()
+    world_uri = join_uri(s3_bucket, "world")
+    fs, path = storage.filesystem(world_uri)
+    world = make_world(WorldConfig(num_users=200, num_items=80, candidates_per_user=10, seed=2))
+    write_world(world, path, filesystem=fs)  # 2,000 candidates
+    artifact = kit.save_lm_artifact(join_uri(s3_bucket, "models/copy-test/v1"), storage)
+    backfill = kit.config(join_uri(s3_bucket, "backfills"), artifact, run_id="s3-run", rows_per_file=250)
+
+    manifest = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())
+
+    run = join_uri(s3_bucket, "backfills/s3-run")
+    data, errors = read_output(run, storage)
+    counts = manifest["counts"]
+    assert counts["total"] == world.candidates.num_rows == data.num_rows + errors.num_rows
+    assert counts["ok"] == data.num_rows and counts["quarantined"] == 0
+    assert counts["filtered"] == errors.num_rows == counts["by_stage"].get("filter", 0)  # empty copy only
+    ids = data["request_id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    salt = template_digest(kit.template)
+    expected = {stable_request_id(c["user_id"], c["item_id"], salt) for c in world.candidates.to_pylist()}
+    assert set(ids) | set(errors["request_id"].to_pylist()) == expected
+    assert all(text.strip() for text in data["content"].to_pylist())
+    rows = data.to_pylist()
+    assert all(r["seed"] == row_seed(0, r["request_id"]) for r in rows)
+    assert {r["model_digest"] for r in rows} == {manifest["model"]["digest"]}
+    assert all(0 < r["num_tokens"] <= 16 and r["temperature"] == 0.8 for r in rows)
+    # One data file per shard (8 shards of ~250 rows), each listed with its true size; nothing unlisted.
+    listed = manifest["files"]["data"] + manifest["files"]["errors"]
+    assert len(manifest["files"]["data"]) == manifest["num_shards"] == 8
+    for entry in listed:
+        assert len(storage.read_bytes(join_uri(run, entry["path"]))) == entry["bytes"]
+    on_s3 = storage.list(join_uri(run, "data")) + storage.list(join_uri(run, "errors"))
+    assert sorted(on_s3) == sorted(join_uri(run, e["path"]) for e in listed)
+    assert not storage.list(join_uri(run, "_work")) and not storage.exists(join_uri(run, "_lock"))
+    assert manifest["tokens"]["generated"] == sum(r["num_tokens"] for r in rows)
+
+    assert run_status(run, storage)["state"] == "complete"
+    assert main(["backfill", "status", run]) == 0
+    assert "complete, 8/8 shards, 2,000/2,000 rows" in capsys.readouterr().out
+    again = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())  # complete: nothing redone
+    assert again["timings"] == manifest["timings"]
+
+
+def _jsonl(path: Path, lines: list[bytes]) -> str:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_bad_input_is_quarantined_with_reasons_and_good_rows_all_written(ray_local, tmp_path, kit, world_dir,
+                                                                          lm_artifact):
+    world = make_world(WorldConfig(num_users=60, num_items=40, candidates_per_user=5, seed=1))
+    users = world.users.to_pylist()
+    good = world.candidates.slice(0, 40).to_pylist()  # the first 8 users' candidates
+    item, other_user = good[0]["item_id"], users[-1]["user_id"]
+    users_lines = [json.dumps(u).encode() for u in users] + [
+        json.dumps(users[-1]).encode(),  # other_user twice
+        json.dumps({"user_id": "u_long", "segment": "student", "interests": ["x" * 5000]}).encode(),
+        json.dumps({"user_id": "u_noseg", "locale": "en"}).encode(),
+    ]
+    bad = {  # line -> (stage, words the reason must contain)
+        json.dumps({"user_id": "u999999", "item_id": item}).encode(): ("join", "unknown user"),
+        json.dumps({"user_id": good[0]["user_id"], "item_id": "i99999"}).encode(): ("join", "unknown item"),
+        json.dumps({"user_id": 17, "item_id": item}).encode(): ("validate", "user_id must be text"),
+        json.dumps({"user_id": good[1]["user_id"], "item_id": item, "rank": "first"}).encode():
+            ("validate", "rank must be an integer"),
+        json.dumps({"user_id": None, "item_id": None}).encode(): ("validate", "missing user_id"),
+        json.dumps({"user_id": "u" * 300, "item_id": item}).encode(): ("validate", "over the limit of 256"),
+        json.dumps({"user_id": good[2]["user_id"], "item_id": item, "note": "x" * 5000}).encode():
+            ("validate", "note: 5000 characters"),
+        b'{"user_id": "u\xff\xfe0001", "item_id": "i00001"}': ("validate", "invalid UTF-8"),
+        b'{"user_id": "u000001", ': ("read", "not valid JSON"),
+        b"[1, 2]": ("read", "not a JSON object"),
+        json.dumps(good[0]).encode(): ("validate", "duplicate request_id"),
+        json.dumps({"user_id": other_user, "item_id": item}).encode(): ("join", "appears 2 times"),
+        json.dumps({"user_id": "u_long", "item_id": item}).encode(): ("join", "interests[0]: 5000 characters"),
+        json.dumps({"user_id": "u_noseg", "item_id": item}).encode(): ("prompt", "missing required user field"),
+    }
+    data_config = DataConfig(users=_jsonl(tmp_path / "users.jsonl", users_lines),
+                             items=str(Path(world_dir) / "items.parquet"),
+                             candidates=_jsonl(tmp_path / "candidates.jsonl",
+                                               [json.dumps(r).encode() for r in good] + list(bad)))
+    backfill = kit.config(str(tmp_path / "out"), lm_artifact, run_id="bad-input", rows_per_file=20, min_chars=0)
+
+    manifest = run_backfill(backfill, data_config, StorageConfig())
+
+    data, errors = read_output(str(tmp_path / "out" / "bad-input"))
+    salt = template_digest(kit.template)
+    assert set(data["request_id"].to_pylist()) == {stable_request_id(r["user_id"], r["item_id"], salt) for r in good}
+    assert data.num_rows == len(good) and manifest["counts"]["total"] == len(good) + len(bad)
+    assert manifest["counts"]["quarantined"] == errors.num_rows == len(bad)
+    found = sorted((e["stage"], e["error"]) for e in errors.to_pylist())
+    for stage, words in bad.values():
+        assert any(s == stage and words in message for s, message in found), (stage, words, found)
+    assert manifest["counts"]["by_stage"] == {"read": 2, "validate": 7, "join": 4, "prompt": 1}
+    for error in errors.to_pylist():
+        raw = json.loads(error["raw"])  # every raw row is valid JSON, even from invalid UTF-8
+        assert isinstance(raw, dict) and error["created_at"] is not None
+    utf8 = next(e for e in errors.to_pylist() if "invalid UTF-8" in e["error"])
+    assert "\\xff\\xfe" in json.loads(utf8["raw"])["user_id"]
+
+
+def test_prejoined_csv_requests_with_a_length_filter(ray_local, tmp_path, kit, lm_artifact):
+    header = "request_id,user_id,item_id,segment,locale,title,category\n"
+    rows = [f"r{k:03d},u{k % 7},i{k % 5},student,en,Aurora Trail Backpack {k},outdoor\n" for k in range(30)]
+    rows += ["r000,u1,i1,student,en,Another Title,outdoor\n",  # duplicate request_id
+             "r900,u1,i1,student,en,,outdoor\n"]  # no title: the prompt needs one
+    (tmp_path / "requests.csv").write_text(header + "".join(rows))
+    backfill = kit.config(str(tmp_path / "out"), lm_artifact, run_id="csv", rows_per_file=10, max_chars=10,
+                          min_chars=0)
+
+    manifest = run_backfill(backfill, DataConfig(requests=str(tmp_path / "requests.csv")), StorageConfig())
+
+    data, errors = read_output(str(tmp_path / "out" / "csv"))
+    by_stage = {}
+    for error in errors.to_pylist():
+        by_stage.setdefault(error["stage"], []).append(error)
+    assert [e["request_id"] for e in by_stage["validate"]] == ["r000"]
+    assert "duplicate request_id" in by_stage["validate"][0]["error"]
+    assert [e["request_id"] for e in by_stage["prompt"]] == ["r900"]
+    assert all(len(r["content"]) <= 10 for r in data.to_pylist())
+    assert all(len(e["content"]) > 10 and "max_chars=10" in e["error"] for e in by_stage.get("filter", []))
+    assert sorted(data["request_id"].to_pylist() + [e["request_id"] for e in by_stage.get("filter", [])]) == [
+        f"r{k:03d}" for k in range(30)]
+    assert manifest["counts"]["filtered"] == len(by_stage.get("filter", []))
