@@ -24,7 +24,13 @@ from torch import nn
 from aigc_dist.models.artifact import MODEL_KINDS, save_artifact
 from aigc_dist.models.tokenizer import ByteTokenizer
 from aigc_dist.storage import Storage, join_uri
-from aigc_dist.train.checkpoints import DEEPSPEED_TAG, download_checkpoint, find_checkpoint, read_trainer_state
+from aigc_dist.train.checkpoints import (
+    DEEPSPEED_TAG,
+    TrainerState,
+    download_checkpoint,
+    find_checkpoint,
+    read_trainer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,17 @@ def gathered_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, to
                 for name, t in module.state_dict().items()
             }
     return state
+
+
+def artifact_metadata(state: TrainerState) -> dict[str, Any]:
+    """What an artifact records of the run that trained it: name, version, run, step, last metrics."""
+    return {
+        "name": state.name,
+        "version": state.version,
+        "run": state.run_name,
+        "step": state.step,
+        "metrics": state.history[-1] if state.history else {},
+    }
 
 
 def save_trained_artifact(
@@ -99,13 +116,6 @@ def export_checkpoint(
         local = download_checkpoint(checkpoint_uri, storage, tmp, engine=probe.artifact_engine)
         state = consolidated_state_dict(os.path.join(local, probe.artifact_engine), probe.zero_stage)
     uri = output_uri or artifact_uri(probe.storage_path, probe.name, probe.version)
-    metadata = {
-        "name": probe.name,
-        "version": probe.version,
-        "run": probe.run_name,
-        "step": probe.step,
-        "metrics": probe.history[-1] if probe.history else {},
-        "source_checkpoint": checkpoint_uri,
-    }
+    metadata = {**artifact_metadata(probe), "source_checkpoint": checkpoint_uri}
     return uri, save_trained_artifact(uri, probe.artifact, state, storage, metadata)
 

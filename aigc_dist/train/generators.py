@@ -145,6 +145,9 @@ class _ImageRecipe:
         self.model = model
         self.train = train
         self.dtype = precision_dtype  # DeepSpeed casts the module, not its inputs
+        self.config = self.config_cls(
+            image_size=model.image_size, channels=model.channels, num_classes=model.num_classes, **presets[model.preset]
+        )
 
     def dataset(self, train: TrainConfig, data: DataConfig, storage: StorageConfig) -> Any:
         return image_dataset(_dataset_uri(train), storage)
@@ -162,17 +165,9 @@ class CVAERecipe(_ImageRecipe):
     """Conditional VAE: one engine, negative ELBO."""
 
     kind = "cvae"
+    config_cls = CVAEConfig
     engine_names = ("model",)
     artifact_engine = "model"
-
-    def __init__(self, model: ModelConfig, train: TrainConfig, precision_dtype: torch.dtype):
-        super().__init__(model, train, precision_dtype)
-        self.config = CVAEConfig(
-            image_size=model.image_size,
-            channels=model.channels,
-            num_classes=model.num_classes,
-            **IMAGE_PRESETS["cvae"][model.preset],
-        )
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"model": CVAE(self.config)}
@@ -209,17 +204,9 @@ class CGANRecipe(_ImageRecipe):
     """Conditional DCGAN: a generator and a discriminator engine, stepped alternately."""
 
     kind = "cgan"
+    config_cls = CGANConfig
     engine_names = ("generator", "discriminator")
     artifact_engine = "generator"
-
-    def __init__(self, model: ModelConfig, train: TrainConfig, precision_dtype: torch.dtype):
-        super().__init__(model, train, precision_dtype)
-        self.config = CGANConfig(
-            image_size=model.image_size,
-            channels=model.channels,
-            num_classes=model.num_classes,
-            **IMAGE_PRESETS["cgan"][model.preset],
-        )
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"generator": Generator(self.config), "discriminator": Discriminator(self.config)}

@@ -25,7 +25,7 @@ from aigc_dist.config import DataConfig, DeepSpeedConfig, ModelConfig, StorageCo
 from aigc_dist.storage import Storage
 from aigc_dist.train.checkpoints import DEEPSPEED_TAG, TrainerState, check_resumable, checkpoint_dir_name
 from aigc_dist.train.deepspeed_config import deepspeed_config, lr_scheduler_factory, resolve_precision
-from aigc_dist.train.export import artifact_uri, gathered_state_dict, save_trained_artifact
+from aigc_dist.train.export import artifact_metadata, artifact_uri, gathered_state_dict, save_trained_artifact
 from aigc_dist.train.generators import Recipe, StepResult, make_recipe
 
 log = logging.getLogger("aigc_dist.train")
@@ -362,12 +362,5 @@ class WorkerRun:
         if self.rank != 0:
             return None
         uri = artifact_uri(state.storage_path, state.name, state.version)
-        metadata = {
-            "name": state.name,
-            "version": state.version,
-            "run": state.run_name,
-            "step": state.step,
-            "metrics": state.history[-1] if state.history else {},
-        }
-        save_trained_artifact(uri, state.artifact, weights, Storage(self.s.storage), metadata)
+        save_trained_artifact(uri, state.artifact, weights, Storage(self.s.storage), artifact_metadata(state))
         return uri
