@@ -13,7 +13,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from aigc_dist.config import AigcConfig, ConfigError, dump_config, load_config
+from aigc_dist.config import AigcConfig, dump_config, load_config
+from aigc_dist.errors import (  # noqa: F401  (exit codes re-exported for scripts and tests)
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILED,
+    EXIT_NOT_IMPLEMENTED,
+    EXIT_RUN_LOCKED,
+    UserError,
+)
 
 # Subcommands the architecture names that a later issue implements: name -> (help, issue).
 PLANNED: dict[str, tuple[str, int]] = {
@@ -22,10 +29,6 @@ PLANNED: dict[str, tuple[str, int]] = {
     "jobs": ("status, logs or stop of a submitted Ray job", 8),
 }
 
-EXIT_FAILED = 1
-EXIT_CONFIG_ERROR = 2
-EXIT_NOT_IMPLEMENTED = 3
-EXIT_RUN_LOCKED = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,24 +117,9 @@ def run_status(cfg: AigcConfig, args: argparse.Namespace) -> int:
 def run_backfill(cfg: AigcConfig, args: argparse.Namespace) -> int:
     if args.backfill_command == "status":
         return run_status(cfg, args)
-    from aigc_dist.batch.inputs import InputError
-    from aigc_dist.batch.lock import RunLockedError
-    from aigc_dist.batch.pipeline import BackfillError
     from aigc_dist.batch.pipeline import run_backfill as backfill
 
-    try:
-        manifest = backfill(cfg.backfill, cfg.data, cfg.storage)
-    except RunLockedError as exc:
-        print(f"aigc-dist backfill: {exc}", file=sys.stderr)
-        return EXIT_RUN_LOCKED
-    except (BackfillError, InputError) as exc:  # the message says what to change
-        print(f"aigc-dist backfill: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"aigc-dist backfill: failed: {exc}\n(run the same command again to resume run "
-              f"{cfg.backfill.run_id!r})", file=sys.stderr)
-        return EXIT_FAILED
+    manifest = backfill(cfg.backfill, cfg.data, cfg.storage)
     counts = manifest["counts"]
     print(f"backfill {manifest['run_id']}: complete, {counts['total']:,} rows: {counts['ok']:,} ok, "
           f"{counts['quarantined']:,} quarantined, {counts['filtered']:,} filtered -> {manifest['root']}")
@@ -141,18 +129,9 @@ def run_backfill(cfg: AigcConfig, args: argparse.Namespace) -> int:
 def run_train(cfg: AigcConfig, args: argparse.Namespace) -> int:
     from aigc_dist.train.trainer import run_training
 
-    try:
-        if args.resume_from:
-            cfg.train.resume_from = args.resume_from
-        result = run_training(cfg.train, cfg.deepspeed, cfg.model, cfg.data, cfg.storage)
-    except ConfigError as exc:
-        print(f"aigc-dist train: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"aigc-dist train: failed: {exc}\n(run the same command again to resume run "
-              f"{cfg.train.run_name!r} from its latest checkpoint)", file=sys.stderr)
-        return EXIT_FAILED
+    if args.resume_from:
+        cfg.train.resume_from = args.resume_from
+    result = run_training(cfg.train, cfg.deepspeed, cfg.model, cfg.data, cfg.storage)
     loss = result.metrics.get("loss", float("nan"))
     print(f"train {result.run_name}: {result.step} steps, loss {loss:.4f}; checkpoint {result.checkpoint_uri}; "
           f"artifact {result.artifact_uri}")
@@ -163,15 +142,7 @@ def run_export(cfg: AigcConfig, args: argparse.Namespace) -> int:
     from aigc_dist.storage import Storage
     from aigc_dist.train.export import export_checkpoint
 
-    try:
-        uri, meta = export_checkpoint(args.checkpoint, Storage(cfg.storage), args.output)
-    except ConfigError as exc:
-        print(f"aigc-dist export: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"aigc-dist export: failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    uri, meta = export_checkpoint(args.checkpoint, Storage(cfg.storage), args.output)
     print(f"export: step {meta['step']} of run {meta['run']} -> {uri} (digest {meta['digest'][:12]})")
     return 0
 
@@ -198,12 +169,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_NOT_IMPLEMENTED
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg = load_config(getattr(args, "config", None), extra)
-    except ConfigError as exc:
+        return COMMANDS[args.command](cfg, args)
+    except UserError as exc:  # the message says what to change: no traceback
         print(f"aigc-dist {args.command}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    return COMMANDS[args.command](cfg, args)
+        return exc.exit_code
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"aigc-dist {args.command}: failed: {exc}{_resume_hint(args.command, cfg)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _resume_hint(command: str, cfg: AigcConfig | None) -> str:
+    """What to do after a crash of a resumable command: run it again."""
+    if cfg is None:
+        return ""
+    if command == "backfill":
+        return f"\n(run the same command again to resume run {cfg.backfill.run_id!r})"
+    if command == "train":
+        return f"\n(run the same command again to resume run {cfg.train.run_name!r} from its latest checkpoint)"
+    return ""
 
 
 if __name__ == "__main__":

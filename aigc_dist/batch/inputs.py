@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from aigc_dist.errors import UserError
 from aigc_dist.storage import Storage
 
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -47,7 +48,7 @@ WORK_SCHEMA = pa.schema([
 TableKind = Literal["candidates", "requests", "users", "items"]
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input location that cannot be used (nothing there, unknown format); the message says which."""
 
 

@@ -22,13 +22,16 @@ import time
 import uuid
 from typing import Any
 
+from aigc_dist.errors import EXIT_RUN_LOCKED, UserError
 from aigc_dist.storage import AlreadyExistsError, Storage
 
 log = logging.getLogger(__name__)
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live driver holds the run (or took it over from this one)."""
+
+    exit_code = EXIT_RUN_LOCKED
 
 
 def _pid_alive(pid: int) -> bool:

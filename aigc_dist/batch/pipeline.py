@@ -36,6 +36,7 @@ from aigc_dist.batch.progress import Progress, build_manifest
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer, finish_shards
 from aigc_dist.config import BackfillConfig, DataConfig, StorageConfig, config_digest
 from aigc_dist.data.prompts import PromptTemplate, template_digest
+from aigc_dist.errors import UserError
 from aigc_dist.storage import Storage, join_uri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _failpoint_hits: dict[str, int] = {}
 PREPARE_CPUS, FINISH_CPUS = 1.0, 0.5
 
 
-class BackfillError(RuntimeError):
+class BackfillError(UserError, RuntimeError):
     """A run that cannot start or finish as configured; the message says what to change."""
 
 

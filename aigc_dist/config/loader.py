@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from aigc_dist.config.sections import AigcConfig
+from aigc_dist.errors import EXIT_CONFIG_ERROR, UserError
 
 # Fields whose values must never be echoed back in an error message or a dump.
 SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token"})
@@ -25,8 +26,10 @@ SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token"
 NULL_SPELLINGS = frozenset({"null", "none", "None"})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, override or value that cannot be used; the message says what to fix."""
+
+    exit_code = EXIT_CONFIG_ERROR
 
     def __init__(self, problems: str | Sequence[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
