@@ -112,6 +112,16 @@ class ConditionEmbedding(nn.Module):
             raise ValueError(f"features must have shape {expected} (got {list(features.shape)})")
         return torch.cat([cond, features.to(cond.dtype)], dim=1)  # [N, label_dim + num_features]
 
+    def prepare(
+        self, labels: Any, features: Any, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caller's labels and features as tensors on `device`, labels checked against num_classes."""
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        self.check_labels(labels)
+        if features is not None:
+            features = torch.as_tensor(features, dtype=torch.float32, device=device)
+        return labels, features
+
     def check_labels(self, labels: torch.Tensor) -> None:
         """Raise a ValueError for labels outside [0, num_classes) (an embedding would fail opaquely)."""
         if labels.dim() != 1:
@@ -188,10 +198,7 @@ class Generator(nn.Module):
         """Images in [0, 1], [N, C, H, W], one per label. Runs in eval mode (running BatchNorm
         statistics) so each image depends only on its own seed and condition, not its batch."""
         device = next(self.parameters()).device
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-        self.cond.check_labels(labels)
-        if features is not None:
-            features = torch.as_tensor(features, dtype=torch.float32, device=device)
+        labels, features = self.cond.prepare(labels, features, device)
         z = sample_latents(labels.shape[0], self.config.z_dim, seeds, device)  # [N, z_dim]
         was_training = self.training
         self.eval()

@@ -112,10 +112,7 @@ class CVAE(nn.Module):
         """Images in [0, 1], [N, C, H, W]: the decoder's pixel means for z ~ N(0, I) drawn per
         sample from `seeds` (same seed and condition -> same image, in any batch)."""
         device = next(self.parameters()).device
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-        self.cond.check_labels(labels)
-        if features is not None:
-            features = torch.as_tensor(features, dtype=torch.float32, device=device)
+        labels, features = self.cond.prepare(labels, features, device)
         z = sample_latents(labels.shape[0], self.config.latent_dim, seeds, device)  # [N, latent_dim]
         logits = self.decoder(z, self.cond(labels, features))  # [N, C, H, W]
         return torch.sigmoid(logits)
