@@ -65,11 +65,13 @@ def new_model() -> TransformerLM:
     return TransformerLM(MODEL)
 
 
-def score(model: TransformerLM, records: list[Record]) -> dict[str, float]:
-    """Text measures of greedy copy for `records`, plus the loss and perplexity of their reference copy."""
+def score(model: TransformerLM, records: list[Record], temperature: float = 0.0) -> dict[str, float]:
+    """Text measures of the copy for `records` (greedy unless a temperature is given, then seeded),
+    plus the loss and perplexity of their reference copy."""
     users, items = [u for u, _, _ in records], [i for _, i, _ in records]
     prompts = [encode_prompt(u, i, TEMPLATE, TOK) for u, i, _ in records]
-    outputs = model.generate(prompts, MAX_NEW_TOKENS, temperature=0, eos_id=TOK.eos_id)
+    seeds = list(range(len(prompts)))
+    outputs = model.generate(prompts, MAX_NEW_TOKENS, temperature=temperature, eos_id=TOK.eos_id, seeds=seeds)
     scores = evaluate_text([TOK.decode(ids) for ids in outputs], users, items)
     examples = [encode_example(u, i, c, TEMPLATE, TOK, MODEL.max_seq_len) for u, i, c in records]
     model.eval()
@@ -86,6 +88,11 @@ def test_untrained_model_copy_is_not_grounded(split) -> None:
     assert untrained["grounding_rate"] < 0.2
     assert untrained["personalization_rate"] < 0.2
     assert untrained["loss"] > 4.0  # about ln(264) = 5.6, a uniform guess over the vocabulary
+    # Greedy decoding of an untrained model can collapse onto special tokens and decode to nothing,
+    # which would pass trivially; sampled copy is real (if random) text and must fail the metric too.
+    sampled = score(new_model(), held_out, temperature=1.0)
+    assert sampled["empty_rate"] < 0.1
+    assert sampled["grounding_rate"] < 0.2 and sampled["personalization_rate"] < 0.2
 
 
 @pytest.mark.slow
