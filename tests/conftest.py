@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,37 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@dataclass
+class ServeCluster:
+    """Ray Serve on the session's Ray, its HTTP proxy on 127.0.0.1:`port`; each test deploys its own app
+    under its own route prefix, so tests never see each other's replicas or settings."""
+
+    url: str
+
+    def deploy(self, name: str, cfg: Any) -> str:
+        """Run the aigc-dist application for `cfg` (an AigcConfig) as app `name`; returns its base URL."""
+        from ray import serve
+
+        from aigc_dist.serve.app import application
+
+        serve.run(application(cfg), name=name, route_prefix=f"/{name}")
+        return f"{self.url}/{name}"
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(ray_local: None) -> Iterator[ServeCluster]:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield ServeCluster(f"http://127.0.0.1:{port}")
+    finally:
+        serve.shutdown()

@@ -1,0 +1,309 @@
+"""The Ray Serve application: a FastAPI ingress around the same engines the backfill uses.
+
+    POST /v1/generate   personalized copy for one or many (user, item) requests
+    POST /v1/images     class (+ features) -> base64 PNG
+    GET  /v1/models     what this replica serves, and its batching counters
+    GET  /healthz       200 when the replica has a model loaded
+
+Concurrent requests share forward passes through `@serve.batch` (size and wait from `user_config`,
+changeable at run time with `reconfigure`, which also swaps artifacts without dropping in-flight
+requests: a batch keeps the engine it started with). Overload is Serve's own admission control:
+past `max_ongoing_requests` per replica requests queue, past `max_queued_requests` the caller gets
+503 with Retry-After.
+
+Entry points: `aigc-dist serve` (local), `serve run|deploy` and KubeRay's `serveConfigV2` with
+`import_path: aigc_dist.serve.app:build_app` and `args: {config: <file>, serve: {...}}`.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at run time, and
+# Serve's ingress rewrites them, so annotations must be real objects, not strings.
+import asyncio
+import base64
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from aigc_dist import __version__
+from aigc_dist.config import AigcConfig, DataConfig, ServeConfig, StorageConfig, parse_overrides, read_config_file
+from aigc_dist.config.loader import merge, validate_config
+from aigc_dist.engine.images import ImageEngine, ImageRequest
+from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, TextResult
+from aigc_dist.metrics import ActorMetrics
+from aigc_dist.models.artifact import Artifact, load_artifact
+from aigc_dist.serve.http import BodyLimitMiddleware, RequestMetricsMiddleware
+from aigc_dist.serve.profiles import ProfileTable, UnknownIdError, empty_table
+from aigc_dist.serve.schemas import (
+    GenerateBody,
+    GenerateResponse,
+    GenerateResult,
+    ImageResult,
+    ImagesBody,
+    ImagesResponse,
+    ModelInfo,
+    ModelsResponse,
+    check_generate_limits,
+    check_images_limits,
+    describe_problems,
+    violation,
+)
+from aigc_dist.storage import Storage
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "AigcServe"
+# What `reconfigure` accepts: swapping models and tuning batching needs no restart.
+USER_CONFIG_KEYS = ("artifact", "image_artifact", "max_batch_size", "batch_wait_timeout_s")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown user_id or item_id, or no model of that kind is served."},
+    413: {"description": "Request body over the server's limit."},
+    422: {"description": "A field is invalid; `detail` names it."},
+    503: {"description": "Over capacity; retry after the Retry-After header's seconds."},
+}
+
+api = FastAPI(
+    title="aigc-dist",
+    version=__version__,
+    description="Personalized content generation: copy for (user, item) pairs, and conditional images.",
+)
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(RequestMetricsMiddleware)  # added last = outermost: it also sees 413s
+
+
+@api.exception_handler(RequestValidationError)
+async def _unprocessable_entity(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, with the offending inputs made printable and short: an input that is not valid
+    Unicode must not turn the error answer itself into a 500, and a 1 MB value is not echoed back."""
+    return JSONResponse(status_code=422, content={"detail": describe_problems(exc.errors())})
+
+
+def _model_info(artifact: Artifact) -> ModelInfo:
+    meta = artifact.metadata
+    return ModelInfo(kind=artifact.kind, name=str(meta.get("name", "?")), version=str(meta.get("version", "?")),
+                     digest=artifact.digest)
+
+
+def _unprocessable(problems: list[dict[str, Any]]) -> RequestValidationError:
+    return RequestValidationError(problems)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class AigcServe:
+    """One replica: loads the artifacts and profile tables once, then answers requests."""
+
+    def __init__(self, serve_config: dict[str, Any], data_config: dict[str, Any], storage_config: dict[str, Any]):
+        """Loads the profile tables; Serve then calls `reconfigure` with the user_config, which loads the
+        models. Keeping artifacts out of the init args is what lets a new artifact be swapped in place
+        (a change of init args would replace the replicas instead)."""
+        import torch
+
+        self.limits = ServeConfig.model_validate(serve_config)
+        data = DataConfig.model_validate(data_config)
+        self.storage = Storage(StorageConfig.model_validate(storage_config))
+        # The replica's CPU share decides torch's threads, so co-located replicas don't oversubscribe.
+        torch.set_num_threads(max(1, int(self.limits.cpus_per_replica)))
+        self.users = ProfileTable.load("user", data.users, data.format, self.storage) if data.users \
+            else empty_table("user")
+        self.items = ProfileTable.load("item", data.items, data.format, self.storage) if data.items \
+            else empty_table("item")
+        self.text: TextEngine | None = None
+        self.image: ImageEngine | None = None
+        self.text_uri: str | None = None
+        self.image_uri: str | None = None
+        self.stats: Counter[str] = Counter()
+        self.metrics = ActorMetrics("serve", {"run": serve.get_replica_context().app_name})
+        api.state.max_body_bytes = self.limits.max_body_bytes
+        api.state.metrics = self.metrics
+        log.info("replica started: %d users, %d items; models come with user_config", len(self.users),
+                 len(self.items))
+
+    def _load(self, text_uri: str | None, image_uri: str | None) -> None:
+        """Load what changed; the swap is one assignment, so a running batch keeps its engine."""
+        if text_uri is None and image_uri is None:
+            raise ValueError("serve.artifact or serve.image_artifact must name an artifact to serve")
+        if text_uri != self.text_uri:
+            self.text = TextEngine(load_artifact(text_uri, self.storage)) if text_uri else None
+            self.text_uri = text_uri
+        if image_uri != self.image_uri:
+            self.image = ImageEngine(load_artifact(image_uri, self.storage)) if image_uri else None
+            self.image_uri = image_uri
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"user_config keys {unknown} are not reconfigurable; allowed: {list(USER_CONFIG_KEYS)}")
+        self.limits = ServeConfig.model_validate({**self.limits.model_dump(), **user_config})
+        await asyncio.to_thread(self._load, self.limits.artifact, self.limits.image_artifact)
+        for engine in (self.text, self.image):
+            if engine is not None:
+                engine.max_batch_size = self.limits.max_batch_size
+        for batched in (self._generate_batch, self._images_batch):
+            batched.set_max_batch_size(self.limits.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
+        log.info("reconfigured: text=%s image=%s, max_batch_size=%d, batch_wait_timeout_s=%s", self.text_uri,
+                 self.image_uri, self.limits.max_batch_size, self.limits.batch_wait_timeout_s)
+
+    # -- batched generation ---------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, requests: list[TextRequest]) -> list[tuple[TextResult, ModelInfo]]:
+        engine = self.text
+        assert engine is not None  # checked by the route before it enqueues
+        started = time.perf_counter()
+        results = await asyncio.to_thread(engine.generate, requests)
+        self._record_batch("text", len(requests), time.perf_counter() - started, engine.artifact)
+        tokens = sum(r.num_tokens for r in results)
+        self.metrics.inc("aigc_generated_tokens_total", tokens, model=engine.artifact.metadata.get("name", "?"))
+        info = _model_info(engine.artifact)
+        return [(result, info) for result in results]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _images_batch(self, requests: list[ImageRequest]) -> list[tuple[Any, ModelInfo]]:
+        engine = self.image
+        assert engine is not None
+        started = time.perf_counter()
+        results = await asyncio.to_thread(engine.generate, requests)
+        self._record_batch("image", len(requests), time.perf_counter() - started, engine.artifact)
+        made = sum(1 for r in results if r.error is None)
+        self.metrics.inc("aigc_generated_images_total", made, model=engine.artifact.metadata.get("name", "?"))
+        info = _model_info(engine.artifact)
+        return [(result, info) for result in results]
+
+    def _record_batch(self, kind: str, size: int, seconds: float, artifact: Artifact) -> None:
+        self.stats[f"{kind}_batches"] += 1
+        self.stats[f"{kind}_requests"] += size
+        model = artifact.metadata.get("name", "?")
+        self.metrics.observe("aigc_generate_batch_size_rows", size, model=model)
+        self.metrics.observe("aigc_generate_batch_seconds", seconds, model=model)
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    @api.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
+    async def generate(self, body: GenerateBody) -> GenerateResponse:
+        """Copy for each request, in order. Same features + sampling + seed -> the backfill's copy."""
+        if self.text is None:
+            raise HTTPException(404, "no text model is served here (serve.artifact is not set)")
+        problems = check_generate_limits(body, self.limits)
+        if problems:
+            raise _unprocessable(problems)
+        requests = []
+        for index, item in enumerate(body.requests):
+            try:
+                user = self.users.resolve(item.user_id, item.user)
+                features = self.items.resolve(item.item_id, item.item)
+            except UnknownIdError as exc:
+                raise HTTPException(404, f"requests[{index}]: {exc}") from None
+            sampling = SamplingParams(max_new_tokens=item.max_new_tokens or self.limits.default_max_new_tokens,
+                                      temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
+            requests.append(TextRequest(user=user, item=features, seed=item.seed, sampling=sampling))
+        answered = await asyncio.gather(*(self._generate_batch(r) for r in requests))
+        failed = [violation(["requests", i], result.error, None) for i, (result, _) in enumerate(answered)
+                  if result.error]
+        self._count_rows("text", len(answered) - len(failed), len(failed))
+        if failed:
+            raise _unprocessable(failed)
+        return GenerateResponse(model=answered[0][1], results=[
+            GenerateResult(content=result.text, num_tokens=result.num_tokens, finished=result.finished,
+                           seed=item.seed, user_id=item.user_id, item_id=item.item_id)
+            for (result, _), item in zip(answered, body.requests, strict=True)])
+
+    @api.post("/v1/images", response_model=ImagesResponse, responses=ERROR_RESPONSES)
+    async def images(self, body: ImagesBody) -> ImagesResponse:
+        """A PNG for each request, in order: the class by id or by one of the artifact's label names."""
+        if self.image is None:
+            raise HTTPException(404, "no image model is served here (serve.image_artifact is not set)")
+        problems = check_images_limits(body, self.limits)
+        if problems:
+            raise _unprocessable(problems)
+        names = list(self.image.artifact.conditioning.get("labels", []))
+        requests = []
+        for index, item in enumerate(body.requests):
+            label = item.label
+            if isinstance(label, str):
+                if label not in names:
+                    raise _unprocessable([violation(["requests", index, "label"], f"unknown label; the model knows "
+                                                    f"ids 0..{self.image.config.num_classes - 1} and names {names}",
+                                                    label)])
+                label = names.index(label)
+            requests.append(ImageRequest(label=label, features=item.features, seed=item.seed))
+        answered = await asyncio.gather(*(self._images_batch(r) for r in requests))
+        failed = [violation(["requests", i], result.error, None) for i, (result, _) in enumerate(answered)
+                  if result.error]
+        self._count_rows("image", len(answered) - len(failed), len(failed))
+        if failed:
+            raise _unprocessable(failed)
+        return ImagesResponse(model=answered[0][1], results=[
+            ImageResult(png_base64=base64.b64encode(result.png).decode("ascii"), width=result.width,
+                        height=result.height, label=request.label, seed=request.seed)
+            for (result, _), request in zip(answered, requests, strict=True)])
+
+    def _count_rows(self, kind: str, ok: int, failed: int) -> None:
+        engine = self.text if kind == "text" else self.image
+        model = engine.artifact.metadata.get("name", "?") if engine else "?"
+        self.metrics.inc("aigc_generate_rows_total", ok, model=model, status="ok")
+        self.metrics.inc("aigc_generate_rows_total", failed, model=model, status="error")
+
+    @api.get("/v1/models", response_model=ModelsResponse)
+    async def models(self) -> ModelsResponse:
+        loaded = [engine.artifact for engine in (self.text, self.image) if engine is not None]
+        return ModelsResponse(models=[_model_info(a) for a in loaded], stats=dict(self.stats))
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        models = [_model_info(e.artifact).model_dump() for e in (self.text, self.image) if e is not None]
+        return JSONResponse(status_code=200 if models else 503,
+                            content={"status": "ok" if models else "no model loaded", "models": models})
+
+
+def deployment_options(limits: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options from the [serve] section: replicas, resources, admission control."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": limits.max_ongoing_requests,
+        "max_queued_requests": limits.max_queued_requests,
+        "backpressure_config": {"retry_after_s": limits.retry_after_s},
+        "ray_actor_options": {"num_cpus": limits.cpus_per_replica, "num_gpus": limits.gpus_per_replica},
+        "user_config": {key: getattr(limits, key) for key in USER_CONFIG_KEYS},
+    }
+    if limits.min_replicas == limits.max_replicas:
+        options["num_replicas"] = limits.max_replicas
+    else:
+        options["autoscaling_config"] = {"min_replicas": limits.min_replicas, "max_replicas": limits.max_replicas,
+                                         "target_ongoing_requests": limits.target_ongoing_requests}
+    return options
+
+
+def application(cfg: AigcConfig) -> serve.Application:
+    """The bound application for a resolved config (the CLI and `build_app` both end here)."""
+    if cfg.serve.artifact is None and cfg.serve.image_artifact is None:
+        from aigc_dist.config import ConfigError
+
+        raise ConfigError(["serve.artifact or serve.image_artifact must name an artifact to serve (got neither)"])
+    dumped = cfg.model_dump(mode="json")
+    storage = cfg.storage.model_dump()  # secrets as SecretStr would not survive JSON: keep the objects' values
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        secret = getattr(cfg.storage, key)
+        storage[key] = secret.get_secret_value() if secret is not None else None
+    init_serve = {key: value for key, value in dumped["serve"].items() if key not in USER_CONFIG_KEYS}
+    return AigcServe.options(**deployment_options(cfg.serve)).bind(init_serve, dumped["data"], storage)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run|deploy` and KubeRay's serveConfigV2.
+
+    args: `config` (a TOML/YAML file of the config tree), section dicts that override it
+    (`serve: {artifact: s3://...}`), and/or dotted `section.key: value` overrides as
+    `serve run aigc_dist.serve.app:build_app serve.artifact=s3://...` passes them.
+    """
+    args = dict(args or {})
+    path = args.pop("config", None)
+    data = read_config_file(path) if path else {}
+    dotted = [f"--{key}={value}" for key, value in args.items() if "." in key]
+    sections = {key: value for key, value in args.items() if "." not in key}
+    data = merge(merge(data, sections), parse_overrides(dotted))
+    return application(validate_config(data))

@@ -1,0 +1,85 @@
+"""Shared pieces of the Serve tests: tiny artifacts, profile tables, configs, an HTTP client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+import torch
+
+from aigc_dist.config import AigcConfig
+from aigc_dist.data.prompts import PromptTemplate
+from aigc_dist.engine.text import prompt_conditioning
+from aigc_dist.models.artifact import save_artifact
+from aigc_dist.models.cgan import CGANConfig, Generator
+from aigc_dist.models.lm import LMConfig, TransformerLM
+from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.storage import Storage
+
+TEMPLATE = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"),
+                          max_field_chars=24, max_prompt_tokens=96)
+CATEGORIES = ["shoes", "tents", "jackets"]
+# Replicas get half a logical CPU: the session's Ray has 8, and backfill tests need theirs.
+SERVE_DEFAULTS: dict[str, Any] = {"cpus_per_replica": 0.5, "default_max_new_tokens": 12, "max_new_tokens_cap": 64}
+
+
+def save_lm(uri: str, version: str, seed: int = 0) -> str:
+    """An untrained 2-layer LM: its copy is noise, but noise that a seed makes exactly reproducible."""
+    torch.manual_seed(seed)
+    model = TransformerLM(LMConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=160))
+    save_artifact(uri, "lm", model, Storage(), tokenizer=ByteTokenizer(), conditioning=prompt_conditioning(TEMPLATE),
+                  metadata={"name": "copy-test", "version": version})
+    return uri
+
+
+def save_cgan(uri: str) -> str:
+    torch.manual_seed(0)
+    model = Generator(CGANConfig(image_size=16, num_classes=len(CATEGORIES)))
+    save_artifact(uri, "cgan", model, Storage(), conditioning={"labels": CATEGORIES},
+                  metadata={"name": "banner-test", "version": "v1"})
+    return uri
+
+
+class ServeKit:
+    """Configs and calls of the Serve tests (a fixture, since test modules cannot import conftest)."""
+
+    template = TEMPLATE
+    categories = CATEGORIES
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.lm_v1 = save_lm(str(root / "lm-v1"), "v1", seed=0)
+        self.lm_v2 = save_lm(str(root / "lm-v2"), "v2", seed=1)
+        self.cgan = save_cgan(str(root / "cgan"))
+        self.users = str(root / "users.parquet")
+        self.items = str(root / "items.parquet")
+        pq.write_table(pa.table({"user_id": [f"u{i}" for i in range(20)],
+                                 "segment": [["runner", "camper", "commuter"][i % 3] for i in range(20)],
+                                 "locale": [["en-US", "de-DE"][i % 2] for i in range(20)]}), self.users)
+        pq.write_table(pa.table({"item_id": [f"i{i}" for i in range(10)],
+                                 "title": [f"Item number {i}" for i in range(10)],
+                                 "category": [CATEGORIES[i % 3] for i in range(10)]}), self.items)
+
+    def config(self, **serve: Any) -> AigcConfig:
+        return AigcConfig.model_validate({
+            "serve": {"artifact": self.lm_v1, "image_artifact": self.cgan, **SERVE_DEFAULTS, **serve},
+            "data": {"users": self.users, "items": self.items},
+        })
+
+    @staticmethod
+    def request(user: int = 0, item: int = 0, seed: int = 0, **extra: Any) -> dict[str, Any]:
+        return {"user": {"segment": ["runner", "camper", "commuter"][user % 3], "locale": "en-US"},
+                "item": {"title": f"Item number {item}", "category": CATEGORIES[item % 3]}, "seed": seed, **extra}
+
+    @staticmethod
+    def post(url: str, body: Any, timeout: float = 60) -> requests.Response:
+        return requests.post(url, json=body, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def serve_kit(tmp_path_factory: pytest.TempPathFactory) -> ServeKit:
+    return ServeKit(tmp_path_factory.mktemp("serve"))
