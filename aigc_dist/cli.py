@@ -24,7 +24,6 @@ from aigc_dist.errors import (  # noqa: F401  (exit codes re-exported for script
 
 # Subcommands the architecture names that a later issue implements: name -> (help, issue).
 PLANNED: dict[str, tuple[str, int]] = {
-    "serve": ("serve personalized generation over HTTP with Ray Serve", 6),
     "submit": ("submit train/backfill/export as a Ray job to a cluster", 8),
     "jobs": ("status, logs or stop of a submitted Ray job", 8),
 }
@@ -70,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="artifact location (default: <storage_path>/models/<name>/<version> "
                         "of the run that wrote the checkpoint)")
     _add_config_argument(export)
+
+    serve = sub.add_parser("serve", help="serve personalized generation over HTTP with Ray Serve "
+                           "(local Ray, or the cluster at $RAY_ADDRESS)")
+    serve.add_argument("--artifact", help="text (LM) artifact to serve (sets serve.artifact)")
+    serve.add_argument("--image-artifact", help="image artifact for /v1/images (sets serve.image_artifact)")
+    _add_config_argument(serve)
 
     for name, (help_text, issue) in PLANNED.items():
         planned = sub.add_parser(name, help=f"{help_text} (not implemented yet: issue #{issue})")
@@ -126,6 +131,15 @@ def run_backfill(cfg: AigcConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    from aigc_dist.serve.runner import run_server
+
+    cfg.serve.artifact = args.artifact or cfg.serve.artifact
+    cfg.serve.image_artifact = args.image_artifact or cfg.serve.image_artifact
+    run_server(cfg)
+    return 0
+
+
 def run_train(cfg: AigcConfig, args: argparse.Namespace) -> int:
     from aigc_dist.train.trainer import run_training
 
@@ -152,6 +166,7 @@ COMMANDS: dict[str, Callable[[AigcConfig, argparse.Namespace], int]] = {
     "config": run_config,
     "demo": run_demo,
     "export": run_export,
+    "serve": run_serve,
     "status": run_status,
     "train": run_train,
 }

@@ -199,7 +199,8 @@ class AigcServe:
                 features = self.items.resolve(item.item_id, item.item)
             except UnknownIdError as exc:
                 raise HTTPException(404, f"requests[{index}]: {exc}") from None
-            sampling = SamplingParams(max_new_tokens=item.max_new_tokens or self.limits.default_max_new_tokens,
+            default = min(self.limits.default_max_new_tokens, self.limits.max_new_tokens_cap)
+            sampling = SamplingParams(max_new_tokens=item.max_new_tokens or default,
                                       temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
             requests.append(TextRequest(user=user, item=features, seed=item.seed, sampling=sampling))
         answered = await asyncio.gather(*(self._generate_batch(r) for r in requests))

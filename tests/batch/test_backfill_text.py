@@ -16,39 +16,54 @@ from aigc_dist.cli import main
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest
 from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
+from aigc_dist.evaluation.text import grounding_rate
 from aigc_dist.storage import Storage, join_uri
 
 pytestmark = pytest.mark.slow
 
 
-def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, kit, capsys):
+@pytest.mark.timeout(1500)  # with the ~80 s of training of its model; minutes more on a loaded machine
+def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, kit, trained_copy_model, capsys):
     storage = Storage()
     world_uri = join_uri(s3_bucket, "world")
     fs, path = storage.filesystem(world_uri)
-    world = make_world(WorldConfig(num_users=200, num_items=80, candidates_per_user=10, seed=2))
-    write_world(world, path, filesystem=fs)  # 2,000 candidates
-    artifact = kit.save_lm_artifact(join_uri(s3_bucket, "models/copy-test/v1"), storage)
-    backfill = kit.config(join_uri(s3_bucket, "backfills"), artifact, run_id="s3-run", rows_per_file=250)
+    world = make_world(trained_copy_model.world)
+    write_world(world, path, filesystem=fs)  # 5,000 candidates
+    artifact = join_uri(s3_bucket, "models/copy-trained/v1")
+    for name in ("config.json", "model.safetensors", "metadata.json"):  # the artifact travels to S3 like a real one
+        storage.write_bytes(join_uri(artifact, name), Path(trained_copy_model.artifact, name).read_bytes())
+    # Greedy and long enough for a whole copy (the longest reference is 106 bytes).
+    backfill = kit.config(join_uri(s3_bucket, "backfills"), artifact, run_id="s3-run", rows_per_file=625,
+                          max_new_tokens=120, temperature=0.0)
 
     manifest = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())
 
     run = join_uri(s3_bucket, "backfills/s3-run")
     data, errors = read_output(run, storage)
     counts = manifest["counts"]
-    assert counts["total"] == world.candidates.num_rows == data.num_rows + errors.num_rows
+    assert counts["total"] == world.candidates.num_rows == 5000 == data.num_rows + errors.num_rows
     assert counts["ok"] == data.num_rows and counts["quarantined"] == 0
-    assert counts["filtered"] == errors.num_rows == counts["by_stage"].get("filter", 0)  # empty copy only
+    assert counts["filtered"] == errors.num_rows == counts["by_stage"].get("filter", 0)
     ids = data["request_id"].to_pylist()
     assert len(ids) == len(set(ids))
-    salt = template_digest(kit.template)
+    salt = template_digest(trained_copy_model.template)
     expected = {stable_request_id(c["user_id"], c["item_id"], salt) for c in world.candidates.to_pylist()}
     assert set(ids) | set(errors["request_id"].to_pylist()) == expected
-    assert all(text.strip() for text in data["content"].to_pylist())
     rows = data.to_pylist()
     assert all(r["seed"] == row_seed(0, r["request_id"]) for r in rows)
     assert {r["model_digest"] for r in rows} == {manifest["model"]["digest"]}
-    assert all(0 < r["num_tokens"] <= 16 and r["temperature"] == 0.8 for r in rows)
-    # One data file per shard (8 shards of ~250 rows), each listed with its true size; nothing unlisted.
+    assert all(0 < r["num_tokens"] <= 120 and r["temperature"] == 0.0 for r in rows)
+
+    # The content is copy about the row's own item: non-empty and naming its title or category, also
+    # for the 1,000 pairs of users the model never saw in training.
+    items = {i["item_id"]: i for i in world.items.to_pylist()}
+    assert all(r["content"].strip() for r in rows)
+    assert grounding_rate([r["content"] for r in rows], [items[r["item_id"]] for r in rows]) >= 0.9
+    unseen = [r for r in rows if r["user_id"] in trained_copy_model.held_out_users]
+    assert len(unseen) >= 900
+    assert grounding_rate([r["content"] for r in unseen], [items[r["item_id"]] for r in unseen]) >= 0.9
+
+    # One data file per shard (8 shards of ~625 rows), each listed with its true size; nothing unlisted.
     listed = manifest["files"]["data"] + manifest["files"]["errors"]
     assert len(manifest["files"]["data"]) == manifest["num_shards"] == 8
     for entry in listed:
@@ -60,7 +75,7 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
 
     assert run_status(run, storage)["state"] == "complete"
     assert main(["backfill", "status", run]) == 0
-    assert "complete, 8/8 shards, 2,000/2,000 rows" in capsys.readouterr().out
+    assert "complete, 8/8 shards, 5,000/5,000 rows" in capsys.readouterr().out
     again = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())  # complete: nothing redone
     assert again["timings"] == manifest["timings"]
 

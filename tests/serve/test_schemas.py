@@ -11,8 +11,7 @@ from aigc_dist.config import ServeConfig
 from aigc_dist.serve.app import deployment_options
 from aigc_dist.serve.schemas import GenerateBody, check_generate_limits, describe_problems
 
-LIMITS = ServeConfig(max_requests_per_call=2, max_new_tokens_cap=32, default_max_new_tokens=16, max_features=2,
-                     max_value_chars=10)
+LIMITS = ServeConfig(max_requests_per_call=2, max_new_tokens_cap=32, max_features=2, max_value_chars=10)
 
 
 def _body(**request: object) -> dict:
