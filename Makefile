@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.aigc-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean system-deps
 
 install: $(STAMP)
 
@@ -28,8 +28,19 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Debian packages the Prometheus integration tests run for real; installed when missing and make
+# runs as root (CI), else named in the error (those tests fail without them, never skip).
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else echo "make test: missing$$missing; install with: sudo apt-get install -y$$missing" >&2; exit 1; fi; \
+	fi
+
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
-test: install lint
+test: install lint system-deps
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc

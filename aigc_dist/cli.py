@@ -17,17 +17,9 @@ from aigc_dist.config import AigcConfig, dump_config, load_config
 from aigc_dist.errors import (  # noqa: F401  (exit codes re-exported for scripts and tests)
     EXIT_CONFIG_ERROR,
     EXIT_FAILED,
-    EXIT_NOT_IMPLEMENTED,
     EXIT_RUN_LOCKED,
     UserError,
 )
-
-# Subcommands the architecture names that a later issue implements: name -> (help, issue).
-PLANNED: dict[str, tuple[str, int]] = {
-    "submit": ("submit train/backfill/export as a Ray job to a cluster", 8),
-    "jobs": ("status, logs or stop of a submitted Ray job", 8),
-}
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on one machine (local Ray, local storage)")
+    demo = sub.add_parser("demo", help="run the whole pipeline on one machine (local Ray, local storage)",
+                          description="World -> training -> backfill -> serve -> report on one local Ray. Defaults: "
+                          "aigc_dist/demo/defaults.toml (tiny.toml under --tiny), under --config and overrides.")
     demo.add_argument("--output", default="./aigc-demo", help="where the demo writes (path or s3:// URI)")
+    demo.add_argument("--tiny", action="store_true", help="the same stages at the smallest sizes (~2 minutes; "
+                      "what the test suite runs)")
     _add_config_argument(demo)
 
     config = sub.add_parser("config", help="inspect the resolved config")
@@ -59,31 +55,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status_arguments(sub.add_parser("status", help="state, counts, progress and ETA of a backfill run"))
 
     train = sub.add_parser("train", help="train a generator with Ray Train + DeepSpeed")
-    train.add_argument("--resume-from", help="checkpoint URI, or a run directory (its newest checkpoint), to start "
-                       "from when this run has no checkpoint of its own yet")
+    _add_train_arguments(train)
     _add_config_argument(train)
 
     export = sub.add_parser("export", help="export a training checkpoint as an artifact")
-    export.add_argument("--checkpoint", required=True,
-                        help="checkpoint URI, or a run directory (its newest checkpoint is exported)")
-    export.add_argument("--output", help="artifact location (default: <storage_path>/models/<name>/<version> "
-                        "of the run that wrote the checkpoint)")
+    _add_export_arguments(export)
     _add_config_argument(export)
+
+    _add_job_parsers(sub)
 
     serve = sub.add_parser("serve", help="serve personalized generation over HTTP with Ray Serve "
                            "(local Ray, or the cluster at $RAY_ADDRESS)")
     serve.add_argument("--artifact", help="text (LM) artifact to serve (sets serve.artifact)")
     serve.add_argument("--image-artifact", help="image artifact for /v1/images (sets serve.image_artifact)")
     _add_config_argument(serve)
-
-    for name, (help_text, issue) in PLANNED.items():
-        planned = sub.add_parser(name, help=f"{help_text} (not implemented yet: issue #{issue})")
-        planned.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def _add_config_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("--config", default=default, help="TOML or YAML config file")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume-from", help="checkpoint URI, or a run directory (its newest checkpoint), to start "
+                        "from when this run has no checkpoint of its own yet")
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint URI, or a run directory (its newest checkpoint is exported)")
+    parser.add_argument("--output", help="artifact location (default: <storage_path>/models/<name>/<version> "
+                        "of the run that wrote the checkpoint)")
+
+
+def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
+    """`submit train|backfill|export` (the local command's own options plus where and how to submit) and
+    `jobs status|logs|stop ID`."""
+    address_help = "the cluster's Ray dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)"
+    submit = sub.add_parser("submit", help="submit train, backfill or export as a Ray job to a cluster")
+    submit_sub = submit.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
+    for name, add_own_arguments in (("train", _add_train_arguments), ("backfill", None),
+                                    ("export", _add_export_arguments)):
+        job = submit_sub.add_parser(
+            name, help=f"`aigc-dist {name}` as a Ray job (jobs/{name}.py)",
+            epilog="--section.key=value overrides are validated here, then passed to the job with --config.")
+        if add_own_arguments is not None:
+            add_own_arguments(job)
+        _add_config_argument(job)
+        job.add_argument("--address", help=address_help)
+        job.add_argument("--working-dir", default=".", help="directory uploaded for the job (default: .); it holds "
+                         "jobs/ and the --config file")
+        job.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                         help="a pip package the job needs on top of the cluster's image (repeatable)")
+        job.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                         help="an environment variable of the job; NAME alone takes its value from here (repeatable)")
+        job.add_argument("--submission-id", help="the Ray job id (default: <command>-<run id>[-attemptN])")
+        job.add_argument("--wait", action="store_true", help="stream the job's log, then exit with its exit status")
+
+    jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted Ray job")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    actions = {"status": "state, exit status and times of a job", "logs": "the job's log (driver output)",
+               "stop": "stop a job (SIGTERM to its driver, then SIGKILL) and wait until it has stopped"}
+    for name, help_text in actions.items():
+        action = jobs_sub.add_parser(name, help=help_text)
+        action.add_argument("submission_id", metavar="ID", help="the job's submission id")
+        action.add_argument("--address", help=address_help)
+        if name == "status":
+            action.add_argument("--json", action="store_true", help="print the status as JSON")
+        elif name == "logs":
+            action.add_argument("--follow", action="store_true", help="stream the log until the job ends")
+        else:
+            action.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the job to end")
 
 
 def _add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +147,8 @@ def run_config(cfg: AigcConfig, args: argparse.Namespace) -> int:
 def run_demo(cfg: AigcConfig, args: argparse.Namespace) -> int:
     from aigc_dist.demo import run_demo as demo
 
-    demo(args.output, cfg.storage)
+    # The demo's own defaults (aigc_dist/demo/defaults.toml) sit under the same --config and overrides.
+    demo(args.output, args.config, args.overrides, tiny=args.tiny)
     return 0
 
 
@@ -124,7 +167,7 @@ def run_backfill(cfg: AigcConfig, args: argparse.Namespace) -> int:
         return run_status(cfg, args)
     from aigc_dist.batch.pipeline import run_backfill as backfill
 
-    manifest = backfill(cfg.backfill, cfg.data, cfg.storage)
+    manifest = backfill(cfg.backfill, cfg.data, cfg.storage, cfg.metrics)
     counts = manifest["counts"]
     print(f"backfill {manifest['run_id']}: complete, {counts['total']:,} rows: {counts['ok']:,} ok, "
           f"{counts['quarantined']:,} quarantined, {counts['filtered']:,} filtered -> {manifest['root']}")
@@ -161,13 +204,35 @@ def run_export(cfg: AigcConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_submit(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    from aigc_dist.submit import FORWARDED_OPTIONS, export_run_id, submit_job
+
+    command = args.job_command
+    run_id = {"train": cfg.train.run_name, "backfill": cfg.backfill.run_id}.get(command) or export_run_id(
+        args.checkpoint)
+    return submit_job(command, run_id, address=args.address, config=args.config, working_dir=args.working_dir,
+                      options={name: getattr(args, name) for name in FORWARDED_OPTIONS[command]},
+                      overrides=args.overrides, pip=args.pip, env=args.env, submission_id=args.submission_id,
+                      follow_logs=args.wait)
+
+
+def run_jobs(cfg: AigcConfig, args: argparse.Namespace) -> int:
+    from aigc_dist.submit import jobs_command
+
+    return jobs_command(args.jobs_command, args.submission_id, address=args.address,
+                        as_json=getattr(args, "json", False), follow_logs=getattr(args, "follow", False),
+                        wait_s=getattr(args, "wait_s", 0.0))
+
+
 COMMANDS: dict[str, Callable[[AigcConfig, argparse.Namespace], int]] = {
     "backfill": run_backfill,
     "config": run_config,
     "demo": run_demo,
     "export": run_export,
+    "jobs": run_jobs,
     "serve": run_serve,
     "status": run_status,
+    "submit": run_submit,
     "train": run_train,
 }
 
@@ -176,13 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in PLANNED:
-        help_text, issue = PLANNED[args.command]
-        print(
-            f"aigc-dist {args.command}: not implemented yet ({help_text}; tracked in issue #{issue})",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_IMPLEMENTED
+    args.overrides = extra  # for commands that hand them on (submit: to the job; demo)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = None
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
-EXIT_NOT_IMPLEMENTED = 3
 EXIT_RUN_LOCKED = 4
 
 

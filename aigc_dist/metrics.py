@@ -62,8 +62,10 @@ MAX_LABEL_VALUES = 100
 _NAME_RE = re.compile(r"^aigc_[a-z][a-z0-9_]*[a-z0-9]$")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-BATCH_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# A generate call is one @serve.batch batch (ms, a few rows) or one backfill shard (minutes, 100k rows).
+BATCH_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                         3600.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384, 65536, 262144)
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -115,10 +117,10 @@ SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (
                "(ok: content produced; error: the engine refused the row).", (*_WORK, "status"), "ray"),
     MetricSpec("aigc_generated_tokens_total", "counter", "New tokens generated (text).", _WORK, "ray"),
     MetricSpec("aigc_generated_images_total", "counter", "Images generated.", _WORK, "ray"),
-    MetricSpec("aigc_generate_batch_seconds", "histogram", "Wall time of one batched generate call.", _WORK,
-               "ray", BATCH_SECONDS_BUCKETS),
-    MetricSpec("aigc_generate_batch_size_rows", "histogram", "Rows in one batched generate call.", _WORK, "ray",
-               BATCH_SIZE_BUCKETS),
+    MetricSpec("aigc_generate_batch_seconds", "histogram", "Wall time of one generate call to the engine "
+               "(Serve: one @serve.batch batch; backfill: one shard).", _WORK, "ray", BATCH_SECONDS_BUCKETS),
+    MetricSpec("aigc_generate_batch_size_rows", "histogram", "Rows in one generate call to the engine "
+               "(Serve: one @serve.batch batch; backfill: one shard).", _WORK, "ray", BATCH_SIZE_BUCKETS),
     # Serve requests.
     MetricSpec("aigc_requests_total", "counter", "HTTP requests answered, by route and status code.",
                ("component", "run", "route", "status"), "ray"),

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,9 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
         _temp_dir=str(ray_tmp),
         log_to_driver=False,
         configure_logging=False,
+        # Actors report their metrics to the node's metrics port every second (10 s by default), so the
+        # Prometheus tests see a run's figures soon after it ends.
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     try:
         yield
@@ -170,3 +173,111 @@ def serve_cluster(ray_local: None) -> Iterator[ServeCluster]:
         yield ServeCluster(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()
+
+
+@dataclass
+class PrometheusServer:
+    """Debian's `prometheus` on 127.0.0.1, scraping every second: Ray's metrics port (job `ray`), a
+    job driver's /metrics at `driver_port` (job `aigc-driver`, every 250 ms, up only while a test's
+    driver runs) and a Pushgateway (job `pushgateway`, honor_labels: pushed series keep their job)."""
+
+    url: str
+    driver_port: int
+    pushgateway_url: str
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query (Prometheus's HTTP API)."""
+        import json
+        import urllib.parse
+
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}",
+                                    timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        """The single value `expr` evaluates to now, or None when it has no result."""
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr} has {len(result)} series: {result}"
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_for(self, expr: str, check: Callable[[float | None], bool], timeout_s: float = 30.0) -> float | None:
+        """Poll `expr` until `check(value)` holds (scrapes and Ray's reports take seconds); returns the last value."""
+        deadline = time.monotonic() + timeout_s
+        value = self.value(expr)
+        while not check(value) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            value = self.value(expr)
+        return value
+
+    def wait_for_value(self, expr: str, expected: float, timeout_s: float = 30.0) -> float | None:
+        """Poll until `expr` equals `expected`; returns the last value."""
+        return self.wait_for(expr, lambda value: value == expected, timeout_s)
+
+
+def _binary(name: str) -> str:
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: `apt-get install -y prometheus prometheus-pushgateway` (make test "
+                    "does it when run as root)")
+    return found
+
+
+def _wait_until_ready(url: str, timeout_s: float = 30.0) -> None:
+    """Poll a readiness URL until it answers 200 (Prometheus answers 503 until its storage is open)."""
+    deadline = time.monotonic() + timeout_s
+    problem: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except OSError as exc:  # refused, or an HTTP error status
+            problem = exc
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} was not ready within {timeout_s}s: {problem}")
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    import ray
+
+    root = tmp_path_factory.mktemp("prometheus")
+    ray_port = ray.nodes()[0]["MetricsExportPort"]
+    gateway_port, driver_port, port = free_port(), free_port(), free_port()
+    (root / "prometheus.yml").write_text(f"""\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: ray
+    static_configs: [{{targets: ["127.0.0.1:{ray_port}"]}}]
+  - job_name: aigc-driver
+    scrape_interval: 250ms
+    scrape_timeout: 250ms
+    static_configs: [{{targets: ["127.0.0.1:{driver_port}"]}}]
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs: [{{targets: ["127.0.0.1:{gateway_port}"]}}]
+""")
+    processes = []
+    try:
+        for name, args in (
+            ("prometheus-pushgateway", [f"--web.listen-address=127.0.0.1:{gateway_port}"]),
+            ("prometheus", [f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+                            f"--web.listen-address=127.0.0.1:{port}"]),
+        ):
+            log = (root / f"{name}.log").open("w")
+            processes.append(subprocess.Popen([_binary(name), *args], stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        for url in (f"http://127.0.0.1:{gateway_port}/-/ready", f"http://127.0.0.1:{port}/-/ready"):
+            _wait_until_ready(url)
+        yield PrometheusServer(f"http://127.0.0.1:{port}", driver_port, f"http://127.0.0.1:{gateway_port}")
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)

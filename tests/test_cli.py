@@ -8,9 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
-from aigc_dist.cli import EXIT_CONFIG_ERROR, EXIT_NOT_IMPLEMENTED, PLANNED, main
+from aigc_dist.cli import EXIT_CONFIG_ERROR, main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = str(REPO / "jobs" / "configs" / "example.toml")
@@ -46,9 +44,3 @@ def test_unknown_key_exits_with_message_naming_key(capsys):
     assert main(["config", "show", "--serve.prot=80"]) == EXIT_CONFIG_ERROR
     assert "serve.prot" in capsys.readouterr().err
 
-
-@pytest.mark.parametrize("command", sorted(PLANNED))
-def test_unimplemented_commands_say_so_and_fail(command, capsys):
-    assert main([command, "--config", EXAMPLE]) == EXIT_NOT_IMPLEMENTED
-    err = capsys.readouterr().err
-    assert "not implemented yet" in err and f"issue #{PLANNED[command][1]}" in err

@@ -24,6 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -34,9 +35,10 @@ from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.lock import RunLock
 from aigc_dist.batch.progress import Progress, build_manifest
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer, finish_shards
-from aigc_dist.config import BackfillConfig, DataConfig, StorageConfig, config_digest
+from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, StorageConfig, config_digest
 from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.errors import UserError
+from aigc_dist.metrics import DriverMetrics
 from aigc_dist.storage import Storage, join_uri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -234,8 +236,35 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
     return manifest
 
 
-def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: StorageConfig) -> dict[str, Any]:
-    """Run (or resume, or find complete) the backfill `backfill.run_id`; returns its manifest."""
+@contextmanager
+def exported_metrics(run_id: str, config: MetricsConfig | None) -> Iterator[DriverMetrics | None]:
+    """The driver's metrics, on /metrics while the body runs, pushed to `config.pushgateway_url` (if set)
+    when it ends, complete or failed; None when metrics are disabled or not configured."""
+    if config is None or not config.enabled:
+        yield None
+        return
+    metrics = DriverMetrics({"run": run_id})
+    # The counters exist at 0 from the first scrape on, so rate() sees them rise with the first commits.
+    for status in ("ok", "quarantined", "filtered"):
+        metrics.inc("aigc_backfill_rows_total", 0, status=status)
+    metrics.inc("aigc_backfill_tokens_total", 0)
+    for kind in ("data", "errors"):
+        metrics.inc("aigc_storage_written_bytes_total", 0, kind=kind)
+    metrics.serve_http(config.host, config.port)  # a port in use is a warning, never a failed job
+    try:
+        yield metrics
+    finally:
+        if config.pushgateway_url:
+            metrics.push(config.pushgateway_url, job="aigc-backfill")
+        metrics.close()
+
+
+def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: StorageConfig,
+                 metrics_config: MetricsConfig | None = None) -> dict[str, Any]:
+    """Run (or resume, or find complete) the backfill `backfill.run_id`; returns its manifest.
+
+    `metrics_config` (the CLI passes the `metrics` section) exports the driver's figures; see
+    `exported_metrics`."""
     started = time.time()
     storage = Storage(storage_config)
     if backfill.artifact is None:
@@ -253,14 +282,15 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
         log.info("backfill %s is already complete: %s", backfill.run_id, layout.manifest)
         return manifest
     ensure_ray(backfill)
-    with RunLock(layout.lock, storage, backfill.lock_stale_after_s) as lock:
+    with (RunLock(layout.lock, storage, backfill.lock_stale_after_s) as lock,
+          exported_metrics(backfill.run_id, metrics_config) as metrics):
         run_info = _record_run(layout, storage, backfill, model, identity)
         plan = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model))
         committed = read_commits(layout, storage)
         pending = [k for k in range(plan["num_shards"]) if k not in committed]
         log.info("backfill %s: %d of %d shards to do (%s)", backfill.run_id, len(pending), plan["num_shards"],
                  layout.root)
-        progress = Progress(layout, storage, backfill.run_id, plan, committed, started)
+        progress = Progress(layout, storage, backfill.run_id, plan, committed, started, metrics)
         with progress.reporting(lock.heartbeat, backfill.progress_interval_s):
             if pending:
                 joins_users = "users" in tables

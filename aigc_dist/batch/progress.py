@@ -16,6 +16,7 @@ from typing import Any
 
 from aigc_dist.batch.layout import MANIFEST_FORMAT, RunLayout, read_commits
 from aigc_dist.batch.lock import describe_holder, lock_is_stale
+from aigc_dist.metrics import DriverMetrics
 from aigc_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -50,20 +51,42 @@ class Progress:
     """The driver's running count of committed shards; reports on a timer and refreshes the lock."""
 
     def __init__(self, layout: RunLayout, storage: Storage, run_id: str, plan: dict[str, Any],
-                 committed: dict[int, dict[str, Any]], session_started: float):
+                 committed: dict[int, dict[str, Any]], session_started: float, metrics: DriverMetrics | None = None):
         self.layout, self.storage, self.run_id, self.plan = layout, storage, run_id, plan
         self.markers = dict(committed)
         self.session_started = session_started  # when this driver started: its partition pass counts too
         self.session_rows = self.session_tokens = 0
         self.failure: BaseException | None = None
         self._lock = threading.Lock()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.set("aigc_backfill_input_rows", plan["total_rows"])
+            self._export_ratio()
 
     def add(self, marker: dict[str, Any]) -> None:
         with self._lock:
-            if marker["shard"] not in self.markers:
+            new = marker["shard"] not in self.markers
+            if new:
                 self.session_rows += marker["counts"]["total"]
                 self.session_tokens += marker["tokens"]["generated"]
             self.markers[marker["shard"]] = marker
+            if new and self.metrics is not None:
+                self._export(marker)
+
+    def _export(self, marker: dict[str, Any]) -> None:
+        """Counters get what this session committed; the ratio counts every session of the run."""
+        counts = marker["counts"]
+        for status in ("ok", "quarantined", "filtered"):
+            self.metrics.inc("aigc_backfill_rows_total", counts[status], status=status)
+        self.metrics.inc("aigc_backfill_tokens_total", marker["tokens"]["generated"])
+        for entry in marker["files"]:
+            self.metrics.inc("aigc_storage_written_bytes_total", entry["bytes"], kind=entry["kind"])
+        self._export_ratio()
+
+    def _export_ratio(self) -> None:
+        total = self.plan["total_rows"]
+        done = sum(m["counts"]["total"] for m in self.markers.values())
+        self.metrics.set("aigc_backfill_progress_ratio", done / total if total else 1.0)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

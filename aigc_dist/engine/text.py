@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt
 from aigc_dist.models.artifact import Artifact, ArtifactError, ArtifactStore, load_artifact
+from aigc_dist.models.lm_decode import DecodeRequest, decode_stream, prepare_for_decode
 
 # Key under which an LM artifact's config.json carries the prompt template it was trained with.
 PROMPT_TEMPLATE_KEY = "prompt_template"
@@ -74,19 +75,35 @@ def prompt_conditioning(template: PromptTemplate) -> dict[str, Any]:
 
 
 class TextEngine:
-    """Turns `TextRequest`s into copy: render prompts, batch by sampling parameters, decode, detokenize."""
+    """Turns `TextRequest`s into copy: render prompts, schedule them through decode slots, detokenize.
 
-    def __init__(self, artifact: Artifact, max_batch_size: int = 64, num_threads: int | None = None):
+    scheduling="continuous" (default): iteration-level scheduling; `max_batch_size` slots decode
+    together and a slot freed by a finished request takes the next waiting one at once, whatever its
+    sampling parameters. "static": batches of `max_batch_size` requests in arrival order, each run
+    until its longest request ends (the baseline `benchmarks/engine_batching.py` measures against).
+    Either way a request's copy depends only on its features, sampling parameters and seed.
+    """
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        max_batch_size: int = 64,
+        num_threads: int | None = None,
+        scheduling: Literal["continuous", "static"] = "continuous",
+    ):
         if artifact.kind != "lm" or artifact.tokenizer is None:
             raise ArtifactError(f"TextEngine needs an lm artifact with a tokenizer (got kind {artifact.kind!r})")
+        if scheduling not in ("continuous", "static"):
+            raise ValueError(f"scheduling must be 'continuous' or 'static' (got {scheduling!r})")
         if num_threads is not None:
             # The process's share of cores: actors and replicas set it so co-located ones don't fight.
             torch.set_num_threads(num_threads)
         self.artifact = artifact
-        self.model = artifact.model.eval()
+        self.model = prepare_for_decode(artifact.model)
         self.tokenizer = artifact.tokenizer
         self.template = prompt_template_of(artifact)
         self.max_batch_size = max_batch_size
+        self.scheduling = scheduling
 
     @classmethod
     def from_uri(cls, uri: str, store: ArtifactStore, **kwargs: Any) -> TextEngine:
@@ -101,7 +118,8 @@ class TextEngine:
         """One result per request, in order. A request that cannot be served (missing required
         feature, prompt + max_new_tokens over the context) gets `error` set; the others proceed."""
         results = [TextResult() for _ in requests]
-        groups: dict[SamplingParams, list[tuple[int, list[int]]]] = {}
+        decode: list[DecodeRequest] = []
+        where: list[int] = []  # decode[j] serves requests[where[j]]
         for index, request in enumerate(requests):
             try:
                 prompt = encode_prompt(request.user, request.item, self.template, self.tokenizer)
@@ -109,39 +127,30 @@ class TextEngine:
                 results[index].error = f"prompt: {exc}"
                 continue
             room = self.model.config.max_seq_len - len(prompt)
-            if request.sampling.max_new_tokens > room:
+            sampling = request.sampling
+            if sampling.max_new_tokens > room:
                 results[index].error = (
-                    f"prompt of {len(prompt)} tokens + max_new_tokens={request.sampling.max_new_tokens} "
+                    f"prompt of {len(prompt)} tokens + max_new_tokens={sampling.max_new_tokens} "
                     f"exceeds the model's context of {self.model.config.max_seq_len}"
                 )
                 continue
             results[index].prompt_tokens = len(prompt)
-            groups.setdefault(request.sampling, []).append((index, prompt))
-        for sampling, members in groups.items():
-            for start in range(0, len(members), self.max_batch_size):
-                chunk = members[start : start + self.max_batch_size]
-                self._decode(sampling, chunk, [requests[i].seed for i, _ in chunk], results)
-        return results
-
-    def _decode(
-        self,
-        sampling: SamplingParams,
-        chunk: list[tuple[int, list[int]]],
-        seeds: list[int],
-        results: list[TextResult],
-    ) -> None:
-        outputs = self.model.generate(
-            [prompt for _, prompt in chunk],
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
+            decode.append(DecodeRequest(prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+                                        sampling.top_p, request.seed))
+            where.append(index)
+        if not decode:
+            return results
+        outputs = decode_stream(
+            self.model,
+            decode,
+            slots=min(self.max_batch_size, len(decode)),
             eos_id=self.tokenizer.eos_id,
-            seeds=seeds,
-            pad_id=self.tokenizer.pad_id,
+            refill=self.scheduling == "continuous",
+            max_len=max(len(r.prompt) + r.max_new_tokens for r in decode),
         )
-        for (index, _), tokens in zip(chunk, outputs, strict=True):
-            result = results[index]
+        for j, tokens in outputs:
+            result = results[where[j]]
             result.text = self.tokenizer.decode(tokens)
             result.num_tokens = len(tokens)
-            result.finished = len(tokens) < sampling.max_new_tokens
+            result.finished = len(tokens) < decode[j].max_new_tokens
+        return results

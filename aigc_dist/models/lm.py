@@ -6,6 +6,8 @@ Conventions used throughout this file:
 - Batches are left-padded: `attention_mask` [B, T] is 1 for real tokens, 0 for padding, and position ids
   count from each row's first real token, so a row's output does not depend on its padding.
 - `generate` returns only the new tokens of each row, without the EOS that stopped it.
+
+Decoding (sampling, the static generate loop, continuous batching) lives in `lm_decode.py`.
 """
 
 import math
@@ -80,12 +82,14 @@ class LMConfig:
 
 # Presets as plain data (litgpt's name_to_config). Sizes include tied embeddings, rope (no position table).
 LM_PRESETS: dict[str, dict[str, Any]] = {
-    # ~116k params: unit tests and the CPU demo.
+    # ~116k params: unit tests.
     "tiny": {"n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 256},
     # ~10.7M params: a real CPU/small-GPU run.
     "small": {"n_layer": 6, "n_head": 6, "d_model": 384, "max_seq_len": 512},
     # ~113M params: GPU clusters.
     "base": {"n_layer": 16, "n_head": 12, "d_model": 768, "max_seq_len": 1024},
+    # ~430k params: wide enough (4 heads of 32) to copy titles from the prompt; the demo, in minutes on CPU.
+    "mini": {"n_layer": 2, "n_head": 4, "d_model": 128, "max_seq_len": 256},
 }
 
 
@@ -141,6 +145,17 @@ def _rope(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
     return angles.cos(), angles.sin()
 
 
+def rope_table(config: LMConfig, max_len: int, device: torch.device | str | None) -> tuple[Tensor, Tensor] | None:
+    """cos, sin [max_len, head_dim] for positions 0..max_len-1 (None for learned positions).
+
+    KV caches hold one so a decode step looks its rows' positions up instead of recomputing them.
+    """
+    if config.pos_encoding != "rope":
+        return None
+    cos, sin = _rope(torch.arange(max_len, device=device)[None], config.head_dim)  # [1, 1, L, hd]
+    return cos[0, 0], sin[0, 0]
+
+
 def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
@@ -172,6 +187,8 @@ class KVCache:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next token's position id
         self.length = 0  # slots written so far, the same for every row
         self.max_len = max_len
+        self.padded = True  # whether any slot so far is padding (prefill sets it): decode then needs a mask
+        self.rope = rope_table(config, max_len, device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, H, T, hd] at the write index; return views of all slots so far [B, H, S, hd]."""
@@ -192,18 +209,20 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: Any
     ) -> Tensor:
+        """cache: a KVCache or lm_decode.SlotCache; `update` stores k, v and returns the keys to attend to."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # [B, T, 3, H, hd]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, hd]
-        if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
+        v = qkv[2]
+        # q and k rotated in one go: half the small ops, which dominate a decode step's overhead.
+        q, k = (qkv[:2] if rope is None else _apply_rope(qkv[:2], *rope)).unbind(0)  # 2 x [B, H, T, hd]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, H, S, hd], S = slots written so far
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:  # no padding: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if mask is None:  # no padding: the fused causal kernel; one query (a decode step) sees every key
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
@@ -232,7 +251,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: Any
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
@@ -272,17 +291,24 @@ class TransformerLM(nn.Module):
         """Number of parameters, counting the tied embedding / lm_head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
-    def _hidden(self, idx: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        """Final-norm hidden states [B, T, C] for idx [B, T]; advances the cache when given."""
+    def hidden(self, idx: Tensor, positions: Tensor, mask: Tensor | None, cache: Any = None) -> Tensor:
+        """Final-norm hidden states [B, T, C] for idx [B, T] at position ids positions [B, T].
+
+        mask: boolean [B, 1, T, S] over the S keys attended to, or None for plain causal attention.
+        cache: a KVCache or lm_decode.SlotCache that stores each layer's keys and values (its owner
+        advances its lengths) and holds a rope table, so decoding looks positions up.
+        """
         x = self.wte(idx)  # [B, T, C]
+        rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        rope = _rope(positions, self.config.head_dim) if self.wpe is None else None
+        elif cache is not None:
+            rope = cache.rope[0][positions].unsqueeze(1), cache.rope[1][positions].unsqueeze(1)  # [B, 1, T, hd]
+        else:
+            rope = _rope(positions, self.config.head_dim)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.length += idx.size(1)
         return self.ln_f(x)
 
     def forward(
@@ -312,7 +338,7 @@ class TransformerLM(nn.Module):
             positions = positions_from_mask(
                 torch.ones_like(idx) if attention_mask is None else attention_mask
             )
-        logits = self.lm_head(self._hidden(idx, positions, mask, None))  # [B, T, vocab]
+        logits = self.lm_head(self.hidden(idx, positions, mask))  # [B, T, vocab]
         if targets is None:
             return logits, None
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(B, T)
@@ -331,8 +357,10 @@ class TransformerLM(nn.Module):
             raise ValueError(f"prompt width {P} exceeds the KV cache length {cache.max_len}")
         cache.key_valid[:, :P] = attention_mask.bool()
         cache.next_pos.copy_(attention_mask.long().sum(-1))
-        mask = _attention_mask(cache.key_valid[:, :P], P)  # [B, 1, P, P]
-        x = self._hidden(idx, positions_from_mask(attention_mask), mask, cache)
+        cache.padded = not bool(cache.key_valid[:, :P].all())  # one host sync per call
+        mask = _attention_mask(cache.key_valid[:, :P], P) if cache.padded else None  # [B, 1, P, P]
+        x = self.hidden(idx, positions_from_mask(attention_mask), mask, cache)
+        cache.length = P
         return self.lm_head(x[:, -1])  # [B, vocab]: the last column is every row's last real token
 
     @torch.inference_mode()
@@ -342,8 +370,10 @@ class TransformerLM(nn.Module):
             raise ValueError(f"KV cache is full ({cache.max_len} slots)")
         slot = cache.length
         cache.key_valid[:, slot] = True
-        mask = _attention_mask(cache.key_valid[:, : slot + 1], 1)  # [B, 1, 1, S]
-        x = self._hidden(tokens[:, None], cache.next_pos[:, None], mask, cache)  # [B, 1, C]
+        # The one query is the newest slot, so causality holds by itself: only padding needs a mask.
+        mask = cache.key_valid[:, None, None, : slot + 1] if cache.padded else None  # [B, 1, 1, S]
+        x = self.hidden(tokens[:, None], cache.next_pos[:, None], mask, cache)  # [B, 1, C]
+        cache.length += 1
         cache.next_pos += 1
         return self.lm_head(x[:, -1])  # [B, vocab]
 
@@ -370,118 +400,11 @@ class TransformerLM(nn.Module):
         otherwise tokens are sampled at `temperature` from the top_k tokens / top_p nucleus.
 
         Row i draws its random numbers from its own torch.Generator seeded with seeds[i], all up front
-        (see `_row_uniforms`), so a request gives the same output for the same seed whatever its
+        (see `lm_decode.row_uniforms`), so a request gives the same output for the same seed whatever its
         batch-mates, up to float rounding of its logits across batch shapes. seeds=None draws the seeds
         from torch's global generator (so torch.manual_seed makes a call reproducible).
         """
-        greedy = greedy or temperature == 0
-        self._check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, greedy, seeds, pad_id)
-        if not prompts or max_new_tokens == 0:
-            return [[] for _ in prompts]
-        device = self.wte.weight.device
-        idx, mask = left_pad(prompts, pad_id, device)  # [B, P]
-        B, P = idx.shape
-        uniforms = None if greedy else _row_uniforms(seeds, B, max_new_tokens).to(device)  # [B, N]
-        new = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
-        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens before EOS
-        was_training = self.training
-        self.eval()  # dropout would make seeded generation irreproducible
-        try:
-            if use_cache:
-                weight = self.wte.weight
-                cache = KVCache(self.config, B, P + max_new_tokens, weight.device, weight.dtype)
-                logits = self.prefill(idx, mask, cache)  # [B, vocab]
-            else:
-                logits = self(idx, attention_mask=mask)[0][:, -1]
-            for t in range(max_new_tokens):
-                if uniforms is None:
-                    token = logits.argmax(dim=-1)  # [B]
-                else:
-                    token = sample_tokens(logits, uniforms[:, t], temperature, top_k, top_p)  # [B]
-                new[:, t] = token
-                if eos_id is not None:
-                    lengths = torch.where((token == eos_id) & (lengths == max_new_tokens), t, lengths)
-                    # One host sync per step, paid only when an EOS can end rows early.
-                    if bool((lengths < max_new_tokens).all()):
-                        break
-                if t + 1 == max_new_tokens:
-                    break
-                if use_cache:
-                    logits = self.decode_step(token, cache)
-                else:
-                    seq = torch.cat([idx, new[:, : t + 1]], dim=1)  # [B, P + t + 1]
-                    logits = self(seq, attention_mask=F.pad(mask, (0, t + 1), value=True))[0][:, -1]
-        finally:
-            self.train(was_training)
-        return [row[:end] for row, end in zip(new.tolist(), lengths.tolist(), strict=True)]
+        from aigc_dist.models.lm_decode import generate
 
-    def _check_generate_args(
-        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-        top_p: float | None, greedy: bool, seeds: list[int] | None, pad_id: int,
-    ) -> None:  # fmt: skip
-        vocab, limit = self.config.vocab_size, self.config.max_seq_len
-        if not _is_int(max_new_tokens) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be > 0, or 0 for greedy (got {temperature!r})")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1 (got {top_k!r})")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be None or in (0, 1] (got {top_p!r})")
-        if not 0 <= pad_id < vocab:
-            raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary 0..{vocab - 1}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
-        for i, seed in enumerate(seeds or []):
-            if not _is_int(seed) or not 0 <= seed < 2**64:
-                raise ValueError(f"seeds[{i}] must be an int in [0, 2**64) (got {seed!r})")
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. <bos>)")
-            if min(prompt) < 0 or max(prompt) >= vocab:
-                raise ValueError(f"prompt {i} has token ids outside the model's vocabulary 0..{vocab - 1}")
-            if len(prompt) + max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                    f"LMConfig.max_seq_len={limit}"
-                )
-
-
-def _row_uniforms(seeds: list[int] | None, n_rows: int, n_steps: int) -> Tensor:
-    """Uniform draws [n_rows, n_steps] in [0, 1), row i from its own generator seeded with seeds[i].
-
-    Drawn up front so the decode loop needs no per-row Python work (the cost is n_rows generator
-    draws once per generate call), and on the CPU so a seed gives the same draws on every device.
-    """
-    if seeds is None:
-        seeds = torch.randint(0, 2**62, (n_rows,)).tolist()
-    rows = [torch.rand(n_steps, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-    return torch.stack(rows)  # [n_rows, n_steps]
-
-
-def sample_tokens(
-    logits: Tensor,
-    uniforms: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> Tensor:
-    """Next token per row [B] drawn from logits [B, vocab] at temperature, within top_k / top_p.
-
-    Each row inverts its CDF at its own uniform in uniforms [B] (one batched searchsorted), which is
-    what lets every row use its own seed without a per-row multinomial call.
-    """
-    vocab = logits.size(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < vocab:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)  # [B, vocab]
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token once the more likely ones already hold top_p of the mass; the first always stays.
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
-    cdf = probs.cumsum(dim=-1)  # [B, vocab], flat over removed tokens so they are never picked
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]  # [B, 1], scaled: probs no longer sum to 1
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=vocab - 1)
+        return generate(self, prompts, max_new_tokens, temperature, top_k, top_p, greedy, eos_id, seeds, pad_id,
+                        use_cache)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from aigc_dist.config import DataConfig, DeepSpeedConfig, ModelConfig, StorageConfig, TrainConfig
+from aigc_dist.metrics import ActorMetrics
 from aigc_dist.storage import Storage
 from aigc_dist.train.checkpoints import DEEPSPEED_TAG, TrainerState, check_resumable, checkpoint_dir_name
 from aigc_dist.train.deepspeed_config import deepspeed_config, lr_scheduler_factory, resolve_precision
@@ -152,6 +153,11 @@ class WorkerRun:
         self.precision = resolve_precision(settings.deepspeed, settings.on_gpu)
         self.recipe: Recipe = make_recipe(settings.model, settings.data, train, PRECISION_DTYPES[self.precision])
         self.engines = self._build_engines()
+        # Rank 0 exports the run's metrics: it times every step and holds the all-reduced figures,
+        # where the driver sees only the reports Ray Train takes (at most one per poll interval).
+        self.metrics: ActorMetrics | None = None
+        if self.rank == 0:
+            self.metrics = ActorMetrics("train", {"run": train.run_name, "model": settings.model.name})
 
     def _build_engines(self) -> dict[str, Any]:
         import deepspeed
@@ -290,7 +296,10 @@ class WorkerRun:
                 continue  # DeepSpeed accumulates; the optimizer steps on the last micro-batch
             state.step += 1
             window.steps += 1
-            window.seconds += time.perf_counter() - tick
+            step_seconds = time.perf_counter() - tick
+            window.seconds += step_seconds
+            if self.metrics is not None:
+                self.metrics.observe("aigc_train_step_seconds", step_seconds)
             save = state.step == train.max_steps or state.step % train.checkpoint_every_steps == 0
             if save or state.step % train.log_every_steps == 0:
                 # A checkpoint also closes the progress window, so the counters it saves are complete.
@@ -337,6 +346,10 @@ class WorkerRun:
         state.history.append(metrics)
         if self.rank == 0:
             log.info(format_progress(state.step, self.s.train.max_steps, loss, rate, unit, step_seconds, extra))
+        if self.metrics is not None:
+            self.metrics.inc("aigc_train_samples_total", samples)
+            self.metrics.inc("aigc_train_tokens_total", tokens)
+            self.metrics.set("aigc_train_loss", loss)
         window.reset()
         return metrics, report_due
 

@@ -107,3 +107,47 @@ def test_engine_refuses_wrong_artifacts(tmp_path, artifact):
     save_artifact(str(tmp_path / "lm"), "lm", artifact.model, storage, tokenizer=TOK)  # no template
     with pytest.raises(ArtifactError, match="prompt_template"):
         TextEngine(load_artifact(str(tmp_path / "lm"), storage))
+
+
+def test_a_request_gets_the_same_copy_alone_static_and_continuous(world, artifact):
+    """Same request + seed -> same copy whatever the schedule and the neighbours; greedy copy equals the
+    model's full-recompute reference."""
+    many = requests_for(world, 12, SamplingParams(max_new_tokens=6, temperature=1.0))
+    for k, length in enumerate([3, 40, 1, 25, 8, 2, 30, 5, 12, 4, 20, 9]):  # uneven, so slots refill
+        many[k].sampling = SamplingParams(max_new_tokens=length, temperature=0 if k % 3 else 0.9, top_k=50)
+    target = TextRequest(many[0].user, many[0].item, seed=42, sampling=SamplingParams(max_new_tokens=30))
+    alone = TextEngine(artifact).generate([target])[0]
+    static = TextEngine(artifact, max_batch_size=4, scheduling="static").generate([*many[:5], target])[-1]
+    continuous = TextEngine(artifact, max_batch_size=3).generate([*many[5:], target, *many[:5]])[7]
+    assert alone.text == static.text == continuous.text and alone.num_tokens == continuous.num_tokens
+
+    greedy = [r for r in many if r.sampling.temperature == 0]
+    results = TextEngine(artifact, max_batch_size=3).generate(greedy)
+    for request, result in zip(greedy, results, strict=True):
+        prompt = encode_prompt(request.user, request.item, TEMPLATE, TOK)
+        expected = artifact.model.generate([prompt], request.sampling.max_new_tokens, temperature=0,
+                                           eos_id=TOK.eos_id, use_cache=False)[0]  # fmt: skip
+        assert result.text == TOK.decode(expected)
+        assert result.finished == (len(expected) < request.sampling.max_new_tokens)
+
+
+def test_scheduling_is_validated(artifact):
+    with pytest.raises(ValueError, match="scheduling must be 'continuous' or 'static'.*'dynamic'"):
+        TextEngine(artifact, scheduling="dynamic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_on_cuda(world, artifact, dtype):
+    model = TransformerLM(artifact.model_config).to("cuda", dtype).eval()
+    model.load_state_dict(artifact.model.state_dict())
+    on_gpu = Artifact("lm", model, model.config, TOK, artifact.conditioning, artifact.metadata)
+    requests = requests_for(world, 10, SamplingParams(max_new_tokens=24, temperature=0.8))
+    for k, request in enumerate(requests):
+        request.sampling = SamplingParams(max_new_tokens=4 + 5 * k, temperature=0.8 if k % 2 else 0)
+    engine = TextEngine(on_gpu, max_batch_size=4)
+    first, again = engine.generate(requests), engine.generate(requests)
+    assert [r.text for r in first] == [r.text for r in again]
+    assert all(r.error is None and r.num_tokens <= q.sampling.max_new_tokens for r, q in zip(first, requests,
+                                                                                             strict=True))

@@ -1,4 +1,5 @@
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from aigc_dist.models.lm import (
     TransformerLM,
     left_pad,
     lm_config_from_preset,
-    sample_tokens,
 )
+from aigc_dist.models.lm_decode import sample_tokens
 from aigc_dist.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -28,30 +29,7 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def make_model(seed: int = 0, pos_encoding: str = "rope", **overrides: object) -> TransformerLM:
-    """A tiny model with spread-out logits and position-sensitive attention.
-
-    At GPT-2 init the logits are nearly uniform, so greedy argmax ties would be decided by float
-    rounding, and attention is nearly uniform, so wrong positions would go unnoticed. Scaling the
-    embeddings and the query/key projections fixes both.
-    """
-    torch.manual_seed(seed)
-    cfg = dict(n_layer=2, n_head=2, d_model=32, max_seq_len=64, pos_encoding=pos_encoding) | overrides
-    model = TransformerLM(LMConfig(**cfg)).eval()  # type: ignore[arg-type]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in ("wte.weight", "wpe.weight") or name.endswith("c_attn.weight"):
-                p.mul_(25.0)
-    return model
-
-
-def random_prompts(seed: int, n: int, max_len: int = 12) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, max_len + 1, (n,), generator=g).tolist()
-    return [[TOK.bos_id, *torch.randint(0, 256, (k - 1,), generator=g).tolist()] for k in lengths]
-
-
-def test_forward_shapes_and_loss() -> None:
+def test_forward_shapes_and_loss(make_model: Callable) -> None:
     model = make_model()
     idx = torch.randint(0, 264, (3, 10))
     logits, loss = model(idx)
@@ -60,7 +38,7 @@ def test_forward_shapes_and_loss() -> None:
     assert loss is not None and loss.shape == () and torch.isfinite(loss)
 
 
-def test_forward_rejects_mismatched_shapes_and_too_long_input() -> None:
+def test_forward_rejects_mismatched_shapes_and_too_long_input(make_model: Callable) -> None:
     model = make_model()
     idx = torch.randint(0, 264, (2, 8))
     with pytest.raises(ValueError, match="loss_mask shape"):
@@ -70,7 +48,7 @@ def test_forward_rejects_mismatched_shapes_and_too_long_input() -> None:
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
-def test_future_tokens_do_not_change_earlier_logits(pos_encoding: str) -> None:
+def test_future_tokens_do_not_change_earlier_logits(pos_encoding: str, make_model: Callable) -> None:
     model = make_model(pos_encoding=pos_encoding)
     idx = torch.randint(0, 256, (2, 12))
     changed = idx.clone()
@@ -80,7 +58,7 @@ def test_future_tokens_do_not_change_earlier_logits(pos_encoding: str) -> None:
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-def test_loss_mask_scores_only_selected_positions() -> None:
+def test_loss_mask_scores_only_selected_positions(make_model: Callable) -> None:
     model = make_model()
     idx, targets = torch.randint(0, 264, (2, 2, 9))
     loss_mask = torch.zeros(2, 9, dtype=torch.bool)
@@ -95,7 +73,7 @@ def test_loss_mask_scores_only_selected_positions() -> None:
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
-def test_output_does_not_depend_on_padding(pos_encoding: str) -> None:
+def test_output_does_not_depend_on_padding(pos_encoding: str, make_model: Callable) -> None:
     model = make_model(pos_encoding=pos_encoding)
     prompt = [TOK.bos_id, *TOK.encode("为您推荐")]
     alone = model(torch.tensor([prompt]))[0][0]  # [T, vocab]
@@ -112,7 +90,11 @@ def test_output_does_not_depend_on_padding(pos_encoding: str) -> None:
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
-def test_prefill_and_decode_step_logits_match_forward(pos_encoding: str) -> None:
+def test_prefill_and_decode_step_logits_match_forward(
+    pos_encoding: str,
+    make_model: Callable,
+    random_prompts: Callable,
+) -> None:
     model = make_model(pos_encoding=pos_encoding)
     prompts = random_prompts(1, 3)
     idx, mask = left_pad(prompts, TOK.pad_id)
@@ -132,7 +114,12 @@ def test_prefill_and_decode_step_logits_match_forward(pos_encoding: str) -> None
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kv_cache_greedy_equals_full_recompute(pos_encoding: str, seed: int) -> None:
+def test_kv_cache_greedy_equals_full_recompute(
+    pos_encoding: str,
+    seed: int,
+    make_model: Callable,
+    random_prompts: Callable,
+) -> None:
     model = make_model(seed=seed, pos_encoding=pos_encoding)
     prompts = random_prompts(seed, 5)
     cached = model.generate(prompts, max_new_tokens=24, greedy=True)
@@ -142,14 +129,18 @@ def test_kv_cache_greedy_equals_full_recompute(pos_encoding: str, seed: int) -> 
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
-def test_kv_cache_sampling_equals_full_recompute(pos_encoding: str) -> None:
+def test_kv_cache_sampling_equals_full_recompute(
+    pos_encoding: str,
+    make_model: Callable,
+    random_prompts: Callable,
+) -> None:
     model = make_model(seed=3, pos_encoding=pos_encoding)
     prompts = random_prompts(3, 4)
     kwargs = dict(max_new_tokens=16, temperature=0.8, top_k=40, top_p=0.95, seeds=[5, 6, 7, 8])
     assert model.generate(prompts, **kwargs) == model.generate(prompts, use_cache=False, **kwargs)
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent() -> None:
+def test_seeded_sampling_is_reproducible_and_seed_dependent(make_model: Callable, random_prompts: Callable) -> None:
     model = make_model(seed=4)
     prompts = random_prompts(4, 3)
     sample = dict(max_new_tokens=20, temperature=2.0)  # flat enough that seeds matter at every step
@@ -167,14 +158,17 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent() -> None:
     assert model.generate(prompts, **sample) == unseeded
 
 
-def test_generate_in_train_mode_is_deterministic_and_restores_mode() -> None:
+def test_generate_in_train_mode_is_deterministic_and_restores_mode(
+    make_model: Callable,
+    random_prompts: Callable,
+) -> None:
     model = make_model(dropout=0.5).train()
     prompts = random_prompts(5, 2)
     assert model.generate(prompts, 10, seeds=[1, 2]) == model.generate(prompts, 10, seeds=[1, 2])
     assert model.training
 
 
-def test_top_k_1_and_tiny_top_p_are_greedy() -> None:
+def test_top_k_1_and_tiny_top_p_are_greedy(make_model: Callable, random_prompts: Callable) -> None:
     model = make_model(seed=6)
     prompts = random_prompts(6, 3)
     greedy = model.generate(prompts, 12, greedy=True)
@@ -200,7 +194,7 @@ def test_sample_tokens_follows_the_filtered_distribution() -> None:
     torch.testing.assert_close(counts, expected / expected.sum(), rtol=0, atol=1e-3)
 
 
-def test_rows_stop_at_eos_which_is_not_returned() -> None:
+def test_rows_stop_at_eos_which_is_not_returned(make_model: Callable, random_prompts: Callable) -> None:
     model = make_model(seed=7)
     prompts = random_prompts(7, 4)
     full = model.generate(prompts, 24, greedy=True)
@@ -210,7 +204,11 @@ def test_rows_stop_at_eos_which_is_not_returned() -> None:
     assert len(stopped[0]) <= 5
 
 
-def test_generation_ends_early_when_every_row_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generation_ends_early_when_every_row_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+    make_model: Callable,
+    random_prompts: Callable,
+) -> None:
     model = make_model(seed=8)
     prompt = random_prompts(8, 1)[0]
     first = model.generate([prompt], 1, greedy=True)[0][0]
@@ -235,13 +233,13 @@ def test_generation_ends_early_when_every_row_stopped(monkeypatch: pytest.Monkey
         (dict(max_new_tokens=-1), "max_new_tokens"),
     ],
 )
-def test_generate_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+def test_generate_rejects_bad_arguments(kwargs: dict, message: str, make_model: Callable) -> None:
     args = dict(prompts=[[1, 2], [3]], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=message):
         make_model().generate(**args)
 
 
-def test_generate_edge_cases() -> None:
+def test_generate_edge_cases(make_model: Callable) -> None:
     model = make_model()
     assert model.generate([], 5) == []
     assert model.generate([[1, 2], [3]], 0) == [[], []]
@@ -261,7 +259,7 @@ def test_presets_sizes() -> None:
         lm_config_from_preset("tiny", n_layers=3)
 
 
-def test_tied_weights_share_one_matrix() -> None:
+def test_tied_weights_share_one_matrix(make_model: Callable) -> None:
     tied = make_model()
     untied = make_model(tie_weights=False)
     assert tied.lm_head.weight is tied.wte.weight
@@ -318,7 +316,7 @@ def test_tiny_model_learns_a_copy_and_generates_it() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generate_on_cuda(dtype: torch.dtype) -> None:
+def test_generate_on_cuda(dtype: torch.dtype, make_model: Callable, random_prompts: Callable) -> None:
     model = make_model(seed=9).to("cuda", dtype)
     prompts = random_prompts(9, 4)
     cached = model.generate(prompts, 16, greedy=True)

@@ -1,0 +1,476 @@
+"""Decoding for TransformerLM: sampling, static batches and continuous batching.
+
+Two loops share one sampler (`sample_tokens`) and one way of drawing random numbers (`row_uniforms`):
+
+- `generate`: one batch of prompts with one set of sampling parameters, left-padded into a shared
+  `KVCache`, prefilled in one pass, decoded until every row has stopped. The model-level API, and with
+  use_cache=False the full-recompute reference the tests hold every fast path to.
+- `decode_stream`: iteration-level scheduling (continuous batching) over a stream of `DecodeRequest`s.
+  A fixed number of slots each hold one sequence in a `SlotCache`, with its own length and its own
+  sampling parameters. When a sequence ends, its slot takes the next waiting request at once (all
+  newcomers of a step are prefilled together), so a few long outputs do not leave the batch half
+  empty. refill=False is static batching on the same machinery (a batch runs until its longest row
+  ends, as `generate` and Hugging Face's `generate()` do): the baseline it is measured against.
+
+Row i draws its random numbers from its own torch.Generator seeded with its request's seed, all up
+front, so a request gives the same output for the same seed whatever its batch-mates and whenever it is
+scheduled, up to float rounding of its logits across batch shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aigc_dist.models.lm import (
+    KVCache,
+    LMConfig,
+    TransformerLM,
+    _attention_mask,
+    _is_int,
+    left_pad,
+    rope_table,
+)
+from aigc_dist.models.tokenizer import ByteTokenizer
+
+
+def row_uniforms(seeds: list[int] | None, n_rows: int, n_steps: int) -> Tensor:
+    """Uniform draws [n_rows, n_steps] in [0, 1), row i from its own generator seeded with seeds[i].
+
+    Drawn up front so the decode loop needs no per-row Python work (the cost is n_rows generator
+    draws once per request), and on the CPU so a seed gives the same draws on every device.
+    """
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (n_rows,)).tolist()
+    rows = [torch.rand(n_steps, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return torch.stack(rows) if rows else torch.zeros(0, n_steps)  # [n_rows, n_steps]
+
+
+def _per_row(value: float | int | Tensor, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(device, dtype)
+    return torch.full((n,), value, device=device, dtype=dtype)
+
+
+def sample_tokens(
+    logits: Tensor,
+    uniforms: Tensor,
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor | None = None,
+    top_p: float | Tensor | None = None,
+) -> Tensor:
+    """Next token per row [B] drawn from logits [B, vocab] at temperature, within top_k / top_p.
+
+    Each parameter is one value for every row or a tensor [B] of per-row values (a row with top_k =
+    vocab or top_p >= 1 is not filtered), so rows with different parameters share one decode batch.
+    Each row inverts its CDF at its own uniform in uniforms [B] (one batched searchsorted), which is
+    what lets every row use its own seed without a per-row multinomial call.
+    """
+    B, vocab = logits.shape
+    logits = logits.float() / _per_row(temperature, B, logits.device, torch.float32)[:, None]
+    if top_k is not None:
+        k = _per_row(top_k, B, logits.device, torch.long).clamp(1, vocab)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)  # [B, vocab]
+    if top_p is not None:
+        p = _per_row(top_p, B, logits.device, torch.float32)
+        p = torch.where(p >= 1.0, float("inf"), p)  # top_p=1 keeps everything, whatever the rounding
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once the more likely ones already hold top_p of the mass; the first always stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p[:, None]
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    cdf = probs.cumsum(dim=-1)  # [B, vocab], flat over removed tokens so they are never picked
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]  # [B, 1], scaled: probs no longer sum to 1
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=vocab - 1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   greedy: bool) -> None:  # fmt: skip
+    """ValueError naming the first bad decoding parameter."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, or 0 for greedy (got {temperature!r})")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1 (got {top_k!r})")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1] (got {top_p!r})")
+
+
+def check_prompt(config: LMConfig, name: str, prompt: list[int], max_new_tokens: int) -> None:
+    """ValueError when a prompt is empty, has ids outside the vocabulary, or does not fit the context."""
+    vocab, limit = config.vocab_size, config.max_seq_len
+    if not prompt:
+        raise ValueError(f"{name} is empty; every prompt needs at least one token (e.g. <bos>)")
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise ValueError(f"{name} has token ids outside the model's vocabulary 0..{vocab - 1}")
+    if len(prompt) + max_new_tokens > limit:
+        raise ValueError(
+            f"{name} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+            f"LMConfig.max_seq_len={limit}"
+        )
+
+
+def _check_seed(name: str, seed: int) -> None:
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"{name} must be an int in [0, 2**64) (got {seed!r})")
+
+
+@torch.inference_mode()
+def generate(
+    model: TransformerLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    eos_id: int | None = None,
+    seeds: list[int] | None = None,
+    pad_id: int = ByteTokenizer.pad_id,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """`TransformerLM.generate`: static batch, left-padded, one prefill, decode from a KV cache."""
+    greedy = greedy or temperature == 0
+    check_sampling(max_new_tokens, temperature, top_k, top_p, greedy)
+    if not 0 <= pad_id < model.config.vocab_size:
+        raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary 0..{model.config.vocab_size - 1}")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
+    for i, seed in enumerate(seeds or []):
+        _check_seed(f"seeds[{i}]", seed)
+    for i, prompt in enumerate(prompts):
+        check_prompt(model.config, f"prompt {i}", prompt, max_new_tokens)
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = model.wte.weight.device
+    idx, mask = left_pad(prompts, pad_id, device)  # [B, P]
+    B, P = idx.shape
+    uniforms = None if greedy else row_uniforms(seeds, B, max_new_tokens).to(device)  # [B, N]
+    new = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens before EOS
+    was_training = model.training
+    model.eval()  # dropout would make seeded generation irreproducible
+    try:
+        if use_cache:
+            weight = model.wte.weight
+            cache = KVCache(model.config, B, P + max_new_tokens, weight.device, weight.dtype)
+            logits = model.prefill(idx, mask, cache)  # [B, vocab]
+        else:
+            logits = model(idx, attention_mask=mask)[0][:, -1]
+        for t in range(max_new_tokens):
+            if uniforms is None:
+                token = logits.argmax(dim=-1)  # [B]
+            else:
+                token = sample_tokens(logits, uniforms[:, t], temperature, top_k, top_p)  # [B]
+            new[:, t] = token
+            if eos_id is not None:
+                lengths = torch.where((token == eos_id) & (lengths == max_new_tokens), t, lengths)
+                # One host sync per step, paid only when an EOS can end rows early.
+                if bool((lengths < max_new_tokens).all()):
+                    break
+            if t + 1 == max_new_tokens:
+                break
+            if use_cache:
+                logits = model.decode_step(token, cache)
+            else:
+                seq = torch.cat([idx, new[:, : t + 1]], dim=1)  # [B, P + t + 1]
+                logits = model(seq, attention_mask=F.pad(mask, (0, t + 1), value=True))[0][:, -1]
+    finally:
+        model.train(was_training)
+    return [row[:end] for row, end in zip(new.tolist(), lengths.tolist(), strict=True)]
+
+
+def prepare_for_decode(model: TransformerLM) -> TransformerLM:
+    """Lay out every Linear weight column-major for decoding on the CPU; returns the model, in eval mode.
+
+    Values and shapes are unchanged (each weight becomes a transposed view of a contiguous [in, out]
+    copy), so outputs are the same; at batch 1 the CPU's matrix-vector kernel streams that layout
+    faster (measured on the `small` preset, one thread: batch-1 decode +20-30%, batch 32 +4%, the
+    same tokens). The tied embedding keeps its rows. No-op on other devices.
+    """
+    model.eval()
+    if model.wte.weight.device.type != "cpu":
+        return model
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight is not model.wte.weight:
+                weight = module.weight
+                if weight.is_contiguous():
+                    weight.data = weight.data.t().contiguous().t()
+    return model
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One sequence for `decode_stream`: a prompt of token ids and how to continue it."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0  # the row's own random numbers; the same seed gives the same output in any batch
+
+    def check(self, config: LMConfig, name: str) -> None:
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.temperature == 0)
+        check_prompt(config, name, self.prompt, self.max_new_tokens)
+        _check_seed(f"{name}: seed", self.seed)
+
+
+class SlotCache:
+    """Keys and values for `slots` independent sequences, each with its own length.
+
+    Slot i holds its sequence's tokens at cache positions 0..lens[i]-1, so a token's position id is its
+    cache index and a slot can be emptied and refilled without touching the others. Rows are written in
+    place: allocated once (again only if a longer request arrives), never concatenated per step.
+    The owner calls `prefill_into` or `decode_at` before each forward to say where `update` writes.
+    """
+
+    def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (slots, config.n_head, max_len, config.head_dim)
+        self.config, self.max_len = config, max_len
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lens = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
+        self.rope = rope_table(config, max_len, device)
+        self._slots: Tensor | None = None  # prefill: the slots written (index_copy along dim 0)
+        self._span = 0  # decode: keys 0..span-1 are attended to
+        self._where: Tensor | None = None  # decode: row of each (slot, head) in the flat [B * H * L, hd] cache
+        self._first_rows = self._row_starts()  # [B, H]: flat row of each (slot, head)'s position 0
+
+    def grow(self, max_len: int) -> None:
+        """Room for max_len tokens per slot: a rare reallocation when a longer request arrives (at
+        least doubling, capped at the model's context, so a stream of ever longer requests grows it
+        a few times only)."""
+        if max_len <= self.max_len:
+            return
+        max_len = min(self.config.max_seq_len, max(max_len, 2 * self.max_len))
+        for cache in (self.k, self.v):
+            for layer, old in enumerate(cache):
+                cache[layer] = F.pad(old, (0, 0, 0, max_len - self.max_len))
+        self.max_len = max_len
+        self.rope = rope_table(self.config, max_len, self.lens.device)
+        self._first_rows = self._row_starts()
+
+    def keep(self, slots: Tensor) -> None:
+        """Keep only the given slots, in that order (compacts the batch when it has emptied)."""
+        for cache in (self.k, self.v):
+            for layer, old in enumerate(cache):
+                cache[layer] = old.index_select(0, slots)
+        self.lens = self.lens.index_select(0, slots)
+        self._first_rows = self._row_starts()
+
+    def prefill_into(self, slots: Tensor) -> None:
+        """The next forward writes whole prompts into these slots (their positions 0..P-1)."""
+        self._slots = slots
+
+    def _row_starts(self) -> Tensor:
+        B, H = self.lens.size(0), self.config.n_head
+        return torch.arange(B * H, device=self.lens.device).view(B, H) * self.max_len
+
+    def decode_at(self, span: int) -> None:
+        """The next forward appends one token per slot at its length and attends to keys 0..span-1."""
+        self._slots, self._span = None, span
+        self._where = (self._first_rows + self.lens[:, None]).flatten()  # [B * H], once per step
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Prefill: k, v [n, H, P, hd] into the chosen slots' positions 0..P-1, attend within the prompts.
+        Decode: k, v [B, H, 1, hd] at each slot's own length; attend to keys 0..span-1 [B, H, span, hd]."""
+        if self._slots is not None:
+            P = k.size(2)
+            self.k[layer][:, :, :P].index_copy_(0, self._slots, k)
+            self.v[layer][:, :, :P].index_copy_(0, self._slots, v)
+            return k, v
+        B, H, _, hd = k.shape
+        self.k[layer].view(-1, hd).index_copy_(0, self._where, k.reshape(B * H, hd))
+        self.v[layer].view(-1, hd).index_copy_(0, self._where, v.reshape(B * H, hd))
+        return self.k[layer][:, :, : self._span], self.v[layer][:, :, : self._span]
+
+
+class _Slots:
+    """Per-slot decoding state: tensors [slots, ...] on the device, and host lists updated per event."""
+
+    TENSORS = ("steps", "limit", "active", "temperature", "top_k", "top_p", "uniforms", "out", "logits")
+
+    def __init__(self, n: int, vocab: int, device: torch.device):
+        self.request: list[int | None] = [None] * n  # index of the request a slot serves
+        self.offset: list[int] = [0] * n  # cache length at step t is offset + t (host copy, no sync)
+        self.sampled: list[bool] = [False] * n  # not greedy
+        self.steps = torch.zeros(n, dtype=torch.long, device=device)  # tokens generated so far
+        self.limit = torch.ones(n, dtype=torch.long, device=device)  # max_new_tokens
+        self.active = torch.zeros(n, dtype=torch.bool, device=device)
+        self.temperature = torch.zeros(n, device=device)
+        self.top_k = torch.full((n,), vocab, dtype=torch.long, device=device)
+        self.top_p = torch.ones(n, device=device)
+        self.uniforms = torch.zeros(n, 1, device=device)  # [n, longest max_new_tokens so far]
+        self.out = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(n, vocab, device=device)  # next-token logits
+
+    def live(self) -> list[int]:
+        return [s for s, r in enumerate(self.request) if r is not None]
+
+    def widen(self, max_new: int) -> None:
+        """Room for max_new generated tokens per slot."""
+        if self.out.size(1) < max_new:
+            self.uniforms = F.pad(self.uniforms, (0, max_new - self.out.size(1)))
+            self.out = F.pad(self.out, (0, max_new - self.out.size(1)))
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only the given slots, in that order."""
+        index = torch.tensor(slots, device=self.steps.device)
+        for name in self.TENSORS:
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.request = [self.request[s] for s in slots]
+        self.offset = [self.offset[s] for s in slots]
+        self.sampled = [self.sampled[s] for s in slots]
+
+
+@torch.inference_mode()
+def decode_stream(
+    model: TransformerLM,
+    requests: Iterable[DecodeRequest],
+    slots: int,
+    eos_id: int | None = None,
+    refill: bool = True,
+    max_len: int | None = None,
+) -> Iterator[tuple[int, list[int]]]:
+    """Decode requests through `slots` batch rows; yields (index in `requests`, new tokens) as each ends.
+
+    Results come in the order requests finish, not the order given; tokens exclude the prompt and the
+    EOS that ended the request. Requests are pulled from the iterable only when a slot is free, so it
+    may be a lazy stream. refill=True: a slot freed by a finished request takes the next one at once
+    (continuous batching); when the stream has run dry and half the slots are empty, the batch is
+    compacted to the live rows. refill=False: the next `slots` requests start only when the whole
+    batch has finished (static batching). max_len: longest prompt + max_new_tokens expected (the
+    cache grows if a longer request comes; default: the model's context).
+    A bad request (empty prompt, too long, bad parameters) raises ValueError when it is pulled.
+    """
+    if not _is_int(slots) or slots < 1:
+        raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
+    config, weight = model.config, model.wte.weight
+    device = weight.device
+    pending = enumerate(requests)
+    state = _Slots(slots, config.vocab_size, device)
+    cache = SlotCache(config, slots, min(max_len or config.max_seq_len, config.max_seq_len), device, weight.dtype)
+    exhausted, step, changed = False, 0, True
+    was_training = model.training
+    model.eval()  # dropout would make seeded generation irreproducible
+    try:
+        while True:
+            free = [s for s, r in enumerate(state.request) if r is None] if changed else []
+            if not exhausted and free and (refill or len(free) == len(state.request)):
+                admitted, exhausted = _admit(model, pending, free, state, cache, step)
+                for index in admitted:  # max_new_tokens=0: nothing to generate
+                    yield index, []
+            if changed:  # host bookkeeping only when a request started or ended, not per token
+                live = state.live()
+                if not live:
+                    if exhausted:
+                        return
+                    continue
+                if refill and exhausted and len(live) <= len(state.request) // 2:
+                    state.keep(live)
+                    cache.keep(torch.tensor(live, device=device))
+                    live = list(range(len(live)))
+                offset = max(state.offset[s] for s in live)
+                sampling = any(state.sampled[s] for s in live)
+                B, changed = len(state.request), False
+            token = state.logits.argmax(dim=-1)  # [B]
+            if sampling:
+                greedy = state.temperature == 0
+                width = state.uniforms.size(1)
+                u = state.uniforms.gather(1, state.steps.clamp(max=width - 1)[:, None])[:, 0]  # [B]
+                sampled = sample_tokens(state.logits, u, state.temperature.masked_fill(greedy, 1.0),
+                                        state.top_k, state.top_p)
+                token = torch.where(greedy, token, sampled)
+            state.out.scatter_(1, state.steps.clamp(max=state.out.size(1) - 1)[:, None], token[:, None])
+            state.steps += state.active.long()
+            ended = state.active & (state.steps >= state.limit)
+            if eos_id is not None:
+                ended |= state.active & (token == eos_id)
+            state.active &= ~ended
+            step += 1
+            for s in ended.nonzero().flatten().tolist():  # the one host sync of a step
+                n = int(state.steps[s])
+                n -= int(eos_id is not None and int(state.out[s, n - 1]) == eos_id)
+                index, state.request[s], changed = state.request[s], None, True
+                yield index, state.out[s, :n].tolist()
+            if changed and not any(r is not None for r in state.request):
+                continue
+            span = offset + step  # the longest live row's length, counting the token it writes now
+            cache.decode_at(span)
+            mask = None if B == 1 else (torch.arange(span, device=device) <= cache.lens[:, None])[:, None, None, :]
+            x = model.hidden(token[:, None], cache.lens[:, None], mask, cache)  # [B, 1, C]
+            state.logits = model.lm_head(x[:, 0]).float()
+            cache.lens += state.active.long()
+    finally:
+        model.train(was_training)
+
+
+def _admit(
+    model: TransformerLM,
+    pending: Iterator[tuple[int, DecodeRequest]],
+    free: list[int],
+    state: _Slots,
+    cache: SlotCache,
+    step: int,
+) -> tuple[list[int], bool]:
+    """Pull requests into free slots and prefill them together; (requests with nothing to do, exhausted)."""
+    taken: list[tuple[int, int, DecodeRequest]] = []
+    empty, exhausted = [], False
+    while len(taken) < len(free):
+        item = next(pending, None)
+        if item is None:
+            exhausted = True
+            break
+        index, request = item
+        request.check(model.config, f"request {index}")
+        if request.max_new_tokens == 0:
+            empty.append(index)
+        else:
+            taken.append((free[len(taken)], index, request))
+    if not taken:
+        return empty, exhausted
+    device = cache.lens.device
+    cache.grow(min(model.config.max_seq_len, max(len(r.prompt) + r.max_new_tokens for _, _, r in taken)))
+    state.widen(max(r.max_new_tokens for _, _, r in taken))
+    slots = torch.tensor([s for s, _, _ in taken], device=device)
+    prompts = [r.prompt for _, _, r in taken]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = max(len(p) for p in prompts)
+    idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)  # right-padded [n, P]
+    mask = None
+    if bool((lengths < width).any()):
+        mask = _attention_mask(torch.arange(width, device=device) < lengths[:, None], width)  # [n, 1, P, P]
+    cache.prefill_into(slots)
+    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    x = model.hidden(idx, positions, mask, cache)  # [n, P, C]
+    logits = model.lm_head(x[torch.arange(len(prompts), device=device), lengths - 1]).float()  # [n, vocab]
+    cache.lens.index_copy_(0, slots, lengths)
+    vocab = model.config.vocab_size
+    columns = {
+        "steps": torch.zeros(len(taken), dtype=torch.long),
+        "limit": torch.tensor([r.max_new_tokens for _, _, r in taken]),
+        "active": torch.ones(len(taken), dtype=torch.bool),
+        "temperature": torch.tensor([float(r.temperature) for _, _, r in taken]),
+        "top_k": torch.tensor([min(r.top_k or vocab, vocab) for _, _, r in taken]),
+        "top_p": torch.tensor([float(r.top_p or 1.0) for _, _, r in taken]),
+        "logits": logits,
+    }
+    for name, column in columns.items():
+        target = getattr(state, name)
+        target.index_copy_(0, slots, column.to(device, target.dtype))
+    n_steps = state.uniforms.size(1)
+    for slot, index, request in taken:
+        state.request[slot], state.sampled[slot] = index, request.temperature != 0
+        state.offset[slot] = len(request.prompt) - step  # length at step t: prompt + tokens decoded since
+        if state.sampled[slot]:
+            draws = row_uniforms([request.seed], 1, request.max_new_tokens)[0]
+            state.uniforms[slot] = F.pad(draws, (0, n_steps - len(draws))).to(device)
+    return empty, exhausted

@@ -1,0 +1,138 @@
+"""Ray jobs as users run them, on a real two-node cluster with token auth (conftest.py) and S3 (moto):
+plain `ray job submit` of jobs/train.py, `aigc-dist submit backfill --wait` with the artifact it
+exported, `aigc-dist jobs status|logs|stop`, and a run that is never submitted twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import psutil
+import pytest
+
+from aigc_dist.data.synthetic import WorldConfig, write_world
+from aigc_dist.errors import EXIT_RUN_LOCKED
+from aigc_dist.storage import Storage, join_uri
+from aigc_dist.train.loop import POLL_INTERVAL_ENV
+
+S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+WORLD = WorldConfig(num_users=60, num_items=40, candidates_per_user=5, seed=1)  # 300 candidates
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    """A bucket holding the synthetic world under world/ (users, items, candidates, copy)."""
+    bucket = f"s3://{s3_server.new_bucket()}"
+    fs, path = Storage().filesystem(join_uri(bucket, "world"))
+    write_world(WORLD, path, fs)
+    return bucket
+
+
+def train_overrides(bucket: str, run: str, max_steps: int) -> list[str]:
+    """jobs/configs/train_lm_tiny.toml, pointed at the bucket and cut to a few tiny steps."""
+    world = join_uri(bucket, "world")
+    return [f"--train.run_name={run}", f"--train.storage_path={bucket}/runs", f"--train.dataset={world}/copy.parquet",
+            f"--data.users={world}/users.parquet", f"--data.items={world}/items.parquet", f"--model.name={run}",
+            f"--train.max_steps={max_steps}", "--train.warmup_steps=1", f"--train.checkpoint_every_steps={max_steps}",
+            "--train.log_every_steps=2", "--train.micro_batch_size=8", "--train.max_failures=0",
+            "--model.max_seq_len=128", "--data.max_prompt_tokens=80", "--data.max_field_chars=24"]
+
+
+def job_status(ray_head, job: str) -> dict:
+    done = ray_head.run("aigc-dist", "jobs", "status", job, "--json", "--address", ray_head.address, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_with_ray_job_submit_then_backfill_with_aigc_dist_submit(ray_head, bucket):
+    run = f"lm-{uuid.uuid4().hex[:6]}"
+    env_vars = {name: os.environ[name] for name in S3_VARIABLES} | {POLL_INTERVAL_ENV: "0.25"}
+    trained = ray_head.run(
+        "ray", "job", "submit", "--address", ray_head.address, "--working-dir", ".",
+        "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
+        "python", "jobs/train.py", "--config", "jobs/configs/train_lm_tiny.toml", *train_overrides(bucket, run, 6),
+        timeout=600)
+    assert trained.returncode == 0, trained.stdout[-5000:] + trained.stderr[-3000:]
+    assert f"train {run}: 6 steps" in trained.stdout  # the driver's last line, streamed back by `ray job submit`
+    artifact = f"{bucket}/runs/models/{run}/v1"
+    assert Storage().read_json(join_uri(artifact, "metadata.json"))["step"] == 6
+
+    # The same artifact backfilled on the cluster: S3 settings reach the job only through --env.
+    run_id, output = f"copy-{run}", join_uri(bucket, "backfills")
+    world = join_uri(bucket, "world")
+    backfilled = ray_head.run(
+        "aigc-dist", "submit", "backfill", "--address", ray_head.address, "--config", "jobs/configs/backfill.toml",
+        "--wait", *[f"--env={name}" for name in S3_VARIABLES],
+        f"--backfill.run_id={run_id}", f"--backfill.output={output}", f"--backfill.artifact={artifact}",
+        f"--data.users={world}/users.parquet", f"--data.items={world}/items.parquet",
+        f"--data.candidates={world}/candidates.parquet", "--backfill.rows_per_file=100", "--backfill.max_actors=1",
+        "--backfill.batch_size=32", "--backfill.max_new_tokens=16", "--backfill.progress_interval_s=1",
+        "--metrics.port=0", timeout=600)
+    job = f"backfill-{run_id}"
+    assert backfilled.returncode == 0, backfilled.stdout[-5000:] + backfilled.stderr[-3000:]
+    assert f"as job {job}" in backfilled.stderr and f"job {job}: SUCCEEDED" in backfilled.stderr
+    assert f"backfill {run_id}: complete, 300 rows" in backfilled.stdout  # the job's log, streamed by --wait
+
+    manifest = Storage().read_json(join_uri(output, run_id, "_manifest.json"))
+    counts = manifest["counts"]
+    assert counts["total"] == 300 and counts["ok"] + counts["quarantined"] + counts["filtered"] == 300
+    assert manifest["model"]["uri"] == artifact
+
+    status = job_status(ray_head, job)
+    assert status["status"] == "SUCCEEDED" and status["driver_exit_code"] == 0
+    assert status["entrypoint"].startswith("python jobs/backfill.py --config jobs/configs/backfill.toml")
+    assert status["metadata"] == {"aigc_dist_command": "backfill", "aigc_dist_run": run_id}
+    logs = ray_head.run("aigc-dist", "jobs", "logs", job, "--address", ray_head.address, timeout=60)
+    assert logs.returncode == 0 and f"backfill {run_id}: complete" in logs.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_running_job_is_not_submitted_twice_and_jobs_stop_stops_it(ray_head, bucket):
+    run = f"long-{uuid.uuid4().hex[:6]}"
+    submit = ["aigc-dist", "submit", "train", "--address", ray_head.address, "--config",
+              "jobs/configs/train_lm_tiny.toml", *[f"--env={name}" for name in S3_VARIABLES],
+              *train_overrides(bucket, run, 100_000)]
+    first = ray_head.run(*submit, timeout=120)
+    job = f"train-{run}"
+    assert first.returncode == 0, first.stderr
+    assert f"as job {job}" in first.stderr and f"aigc-dist jobs stop {job}" in first.stderr
+
+    deadline = time.monotonic() + 120
+    while (status := job_status(ray_head, job))["status"] == "PENDING" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status["status"] == "RUNNING", status
+
+    second = ray_head.run(*submit, timeout=120)
+    assert second.returncode == EXIT_RUN_LOCKED
+    assert f"already has job {job} RUNNING" in second.stderr
+
+    stopped = ray_head.run("aigc-dist", "jobs", "stop", job, "--address", ray_head.address, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith(f"{job}: STOPPED")
+    assert job_status(ray_head, job)["status"] == "STOPPED"
+    drivers = [p for p in psutil.process_iter(["cmdline"])
+               if any(f"--train.run_name={run}" in part for part in p.info["cmdline"] or [])]
+    assert not [p for p in drivers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # the driver is gone
+
+    # The run is free again: its next job is a new attempt of the same run (which resumes it).
+    again = ray_head.run(*submit, timeout=120)
+    assert again.returncode == 0 and f"as job {job}-attempt2" in again.stderr
+    assert ray_head.run("aigc-dist", "jobs", "stop", f"{job}-attempt2", "--address", ray_head.address,
+                        timeout=120).returncode == 0
+
+
+def test_cluster_nodes_export_metrics_and_refuse_clients_without_the_token(ray_head):
+    for node in (0, 1):  # cluster/start-head.sh and start-worker.sh set the metrics export port
+        assert "ray_" in ray_head.metrics(node)
+
+    refused = ray_head.run("aigc-dist", "jobs", "status", "any", "--address", ray_head.address, token=False)
+    assert refused.returncode == 1 and "refused us" in refused.stderr and "token" in refused.stderr
+
+    missing = ray_head.run("aigc-dist", "jobs", "status", "no-such-job", "--address", ray_head.address)
+    assert missing.returncode == 1
+    assert f"no job 'no-such-job' on the Ray cluster at {ray_head.address}" in missing.stderr
