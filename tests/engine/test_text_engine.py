@@ -137,7 +137,6 @@ def test_scheduling_is_validated(artifact):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_on_cuda(world, artifact, dtype):
     model = TransformerLM(artifact.model_config).to("cuda", dtype).eval()

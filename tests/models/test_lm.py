@@ -314,7 +314,6 @@ def test_tiny_model_learns_a_copy_and_generates_it() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generate_on_cuda(dtype: torch.dtype, make_model: Callable, random_prompts: Callable) -> None:
     model = make_model(seed=9).to("cuda", dtype)

@@ -172,7 +172,6 @@ def test_bad_requests_and_edge_cases(make_model: Callable) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_stream_on_cuda(dtype: torch.dtype, make_model: Callable, random_prompts: Callable) -> None:
     model = make_model(seed=8).to("cuda", dtype)
