@@ -62,13 +62,14 @@ def test_backfill_figures_in_prometheus_match_the_manifest(ray_local, prometheus
     assert batches == manifest["num_shards"] == 6
     assert prometheus.value(f'sum(ray_aigc_generate_batch_seconds_count{{run="{run}"}})') == batches
 
-    # While the job ran its /metrics answered (its counters at 0 from the start), and the run's rows/s
-    # and tokens/s over the run are above zero. The live series and the pushed one are the same
-    # counter, seen before and after the end: `max by (run)` joins them without counting twice, so the
-    # rise is seen even when the last commits fall between two scrapes (a short run's burst).
-    window = f"{math.ceil(time.time() - started) + 60}s"  # the whole run, and the time the waits below take
+    # While the job ran its /metrics answered, and the run's rows/s and tokens/s over the run are above
+    # zero. The live series and the pushed one are the same counter, seen before and after the end:
+    # `max` joins them without counting twice. The window starts 60 s before the run, when this run's
+    # series did not exist yet: `or on() vector(0)` reads that time as 0, so the rise is in the window
+    # however the run's few commits fell between scrapes (a short run can finish between two of them).
+    window = f"{math.ceil(time.time() - started) + 60}s"  # from 60 s before the run to now
     assert prometheus.value(f'max_over_time(up{{job="aigc-driver"}}[{window}])') == 1
     for selector in (f'aigc_backfill_rows_total{{run="{run}",status="ok"}}',
                      f'aigc_backfill_tokens_total{{run="{run}"}}'):
-        rate = f"rate((max by (run) ({selector}))[{window}:500ms])"
+        rate = f"rate((max({selector}) or on() vector(0))[{window}:500ms])"
         assert (prometheus.wait_for(rate, lambda value: bool(value and value > 0)) or 0) > 0, rate
