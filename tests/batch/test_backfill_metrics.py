@@ -62,13 +62,12 @@ def test_backfill_figures_in_prometheus_match_the_manifest(ray_local, prometheus
     assert batches == manifest["num_shards"] == 6
     assert prometheus.value(f'sum(ray_aigc_generate_batch_seconds_count{{run="{run}"}})') == batches
 
-    # While the job ran its /metrics answered, and the run's rows/s and tokens/s over the run are above
-    # zero. The live series and the pushed one are the same counter, seen before and after the end:
-    # `max` joins them without counting twice. The window starts 60 s before the run, when this run's
-    # series did not exist yet: `or on() vector(0)` reads that time as 0, so the rise is in the window
-    # however the run's few commits fell between scrapes (a short run can finish between two of them).
+    # The run's rows/s and tokens/s over the run are above zero (the driver's /metrics itself is read
+    # over real HTTP in tests/test_metrics.py; whether a scrape lands within a few-second run is timing).
+    # The live series and the pushed one are the same counter: `max` joins them without counting twice.
+    # The window starts 60 s before the run, when this run's series did not exist: `or on() vector(0)`
+    # reads that time as 0, so the rise is in the window however the run's commits fell between scrapes.
     window = f"{math.ceil(time.time() - started) + 60}s"  # from 60 s before the run to now
-    assert prometheus.value(f'max_over_time(up{{job="aigc-driver"}}[{window}])') == 1
     for selector in (f'aigc_backfill_rows_total{{run="{run}",status="ok"}}',
                      f'aigc_backfill_tokens_total{{run="{run}"}}'):
         rate = f"rate((max({selector}) or on() vector(0))[{window}:500ms])"
