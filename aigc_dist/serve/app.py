@@ -88,10 +88,6 @@ def _model_info(artifact: Artifact) -> ModelInfo:
                      digest=artifact.digest)
 
 
-def _unprocessable(problems: list[dict[str, Any]]) -> RequestValidationError:
-    return RequestValidationError(problems)
-
-
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class AigcServe:
@@ -193,7 +189,7 @@ class AigcServe:
             raise HTTPException(404, "no text model is served here (serve.artifact is not set)")
         problems = check_generate_limits(body, self.limits)
         if problems:
-            raise _unprocessable(problems)
+            raise RequestValidationError(problems)
         requests = []
         for index, item in enumerate(body.requests):
             try:
@@ -218,16 +214,16 @@ class AigcServe:
             raise HTTPException(404, "no image model is served here (serve.image_artifact is not set)")
         problems = check_images_limits(body, self.limits)
         if problems:
-            raise _unprocessable(problems)
+            raise RequestValidationError(problems)
         names = list(self.image.artifact.conditioning.get("labels", []))
         requests = []
         for index, item in enumerate(body.requests):
             label = item.label
             if isinstance(label, str):
                 if label not in names:
-                    raise _unprocessable([violation(["requests", index, "label"], f"unknown label; the model knows "
-                                                    f"ids 0..{self.image.config.num_classes - 1} and names {names}",
-                                                    label)])
+                    known = f"ids 0..{self.image.config.num_classes - 1} and names {names}"
+                    raise RequestValidationError([violation(["requests", index, "label"],
+                                                            f"unknown label; the model knows {known}", label)])
                 label = names.index(label)
             requests.append(ImageRequest(label=label, features=item.features, seed=item.seed))
         results, model = await self._answer("image", self._images_batch, requests)
@@ -246,7 +242,7 @@ class AigcServe:
         self.metrics.inc("aigc_generate_rows_total", len(answered) - len(failed), model=model.name, status="ok")
         self.metrics.inc("aigc_generate_rows_total", len(failed), model=model.name, status="error")
         if failed:
-            raise _unprocessable(failed)
+            raise RequestValidationError(failed)
         return [result for result, _ in answered], model
 
     @api.get("/v1/models", response_model=ModelsResponse)
