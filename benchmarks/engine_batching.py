@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from aigc_dist.models.lm import TransformerLM, lm_config_from_preset
-from aigc_dist.models.lm_decode import DecodeRequest, decode_stream, prepare_for_decode
+from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
+from aigc_dist.models.lm_layout import prepare_for_decode
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_batching.json"
 GOAL = 1.5

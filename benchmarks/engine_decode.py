@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from aigc_dist.models.lm import TransformerLM, lm_config_from_preset
-from aigc_dist.models.lm_decode import DecodeRequest, decode_stream, prepare_for_decode
+from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
+from aigc_dist.models.lm_layout import prepare_for_decode
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_decode.json"
 GOALS = {"kv_cache": 5.0, "batching": 8.0, "vs_hf": 1.5, "bandwidth": 0.5}

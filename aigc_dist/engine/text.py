@@ -14,7 +14,8 @@ import torch
 
 from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt
 from aigc_dist.models.artifact import Artifact, ArtifactError, ArtifactStore, load_artifact
-from aigc_dist.models.lm_decode import DecodeRequest, decode_stream, prepare_for_decode
+from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
+from aigc_dist.models.lm_layout import prepare_for_decode
 
 # Key under which an LM artifact's config.json carries the prompt template it was trained with.
 PROMPT_TEMPLATE_KEY = "prompt_template"

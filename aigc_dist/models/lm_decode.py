@@ -186,26 +186,6 @@ def generate(
     return [row[:end] for row, end in zip(new.tolist(), lengths.tolist(), strict=True)]
 
 
-def prepare_for_decode(model: TransformerLM) -> TransformerLM:
-    """Lay out every Linear weight column-major for decoding on the CPU; returns the model, in eval mode.
-
-    Values and shapes are unchanged (each weight becomes a transposed view of a contiguous [in, out]
-    copy), so outputs are the same; at batch 1 the CPU's matrix-vector kernel streams that layout
-    faster (measured on the `small` preset, one thread: batch-1 decode +20-30%, batch 32 +4%, the
-    same tokens). The tied embedding keeps its rows. No-op on other devices.
-    """
-    model.eval()
-    if model.wte.weight.device.type != "cpu":
-        return model
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight is not model.wte.weight:
-                weight = module.weight
-                if weight.is_contiguous():
-                    weight.data = weight.data.t().contiguous().t()
-    return model
-
-
 @dataclass(frozen=True)
 class DecodeRequest:
     """One sequence for `decode_stream`: a prompt of token ids and how to continue it."""
