@@ -226,7 +226,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y  # eval: no call (decode steps are many small calls)
 
 
 class MLP(nn.Module):
@@ -237,7 +238,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        x = self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(x) if self.training else x
 
 
 class Block(nn.Module):
@@ -306,7 +308,7 @@ class TransformerLM(nn.Module):
             rope = cache.rope[0][positions].unsqueeze(1), cache.rope[1][positions].unsqueeze(1)  # [B, 1, T, hd]
         else:
             rope = _rope(positions, self.config.head_dim)
-        x = self.drop(x)
+        x = self.drop(x) if self.training else x
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         return self.ln_f(x)
