@@ -18,8 +18,9 @@ Copy bandwidth is measured in the same run with the same threads: `y.copy_(x)` o
 
 The machine is shared by several people: seconds are the process's CPU seconds (`time.process_time`),
 so time the scheduler gives to other users' jobs does not count, and each configuration runs
-`--rounds` times, interleaved, and keeps its best. With one thread (the default, the backfill's actor
-layout: one CPU per generator actor) tokens per CPU second is tokens/s per core; on an idle machine
+`--rounds` times, interleaved, and keeps its best; the table also gives each ratio's median over
+the rounds (both sides of a ratio measured in the same round). With one thread (the default, the
+backfill's actor layout: one CPU per generator actor) tokens per CPU second is tokens/s per core; on an idle machine
 it equals wall-clock tokens/s. Wall-clock figures are in the JSON too. On CUDA, wall-clock is used.
 
     .venv/bin/python benchmarks/engine_decode.py [--threads 1] [--rounds 3] [--device cpu]
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -66,7 +68,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
 
 def ours(model: TransformerLM, prompts: list[list[int]], new: int) -> None:
     requests = [DecodeRequest(p, new, temperature=0) for p in prompts]
-    for _, tokens in decode_stream(model, requests, slots=len(prompts)):
+    # The cache sized for this call's longest request, as TextEngine sizes it (not the model's context).
+    for _, tokens in decode_stream(model, requests, slots=len(prompts), max_len=max(len(p) for p in prompts) + new):
         assert len(tokens) == new
 
 
@@ -156,6 +159,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"vs_hf_b{B}": best[f"ours_b{B}"] / best[f"hf_b{B}"],
         "bandwidth": weight_bytes * best["ours_b1"] / best["copy_bytes_per_s"],
     }
+    # The same ratio within each round (both sides measured minutes apart at most): its median shows
+    # how much a best-of ratio owes to one lucky round on this shared machine.
+    pairs = {"kv_cache": ("ours_b1", "full_recompute_b1"), "batching": (f"ours_b{B}", "ours_b1"),
+             "vs_hf_b1": ("ours_b1", "hf_b1"), f"vs_hf_b{B}": (f"ours_b{B}", f"hf_b{B}")}
+    per_round = {key: [a / b for a, b in zip(runs[x], runs[y], strict=True)] for key, (x, y) in pairs.items()}
+    per_round["bandwidth"] = [weight_bytes * a / c for a, c in zip(runs["ours_b1"], runs["copy_bytes_per_s"],
+                                                                      strict=True)]
+    median = {key: statistics.median(values) for key, values in per_round.items()}
     goal_of = {name: GOALS["vs_hf" if name.startswith("vs_hf") else name] for name in ratios}
     rows = [
         ("KV-cache decode / full recompute, batch 1", best["ours_b1"], best["full_recompute_b1"], "kv_cache"),
@@ -167,15 +178,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{weight_bytes / 1e6:.1f} MB {args.dtype}), prompt {args.prompt}, {new} new tokens, greedy, "
           f"{args.threads} thread(s), {args.device}; best of {args.rounds} interleaved rounds"
           f"{', tokens per CPU second' if device.type == 'cpu' else ''}\n")
-    print("| ratio | ours tokens/s | baseline tokens/s | ratio | goal | met |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| ratio | ours tokens/s | baseline tokens/s | ratio | per-round median | goal | met |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, a, b, key in rows:
-        print(f"| {label} | {a:,.0f} | {b:,.0f} | {ratios[key]:.2f} | >= {goal_of[key]:g} | "
+        print(f"| {label} | {a:,.0f} | {b:,.0f} | {ratios[key]:.2f} | {median[key]:.2f} | >= {goal_of[key]:g} | "
               f"{'yes' if ratios[key] >= goal_of[key] else 'no'} |")
     achieved = weight_bytes * best["ours_b1"]
     print(f"| batch-1 bandwidth use: {weight_bytes / 1e6:.1f} MB x {best['ours_b1']:,.0f} tokens/s / copy "
           f"{best['copy_bytes_per_s'] / 1e9:.1f} GB/s | {achieved / 1e9:.1f} GB/s | "
-          f"{best['copy_bytes_per_s'] / 1e9:.1f} GB/s | {ratios['bandwidth']:.2f} | >= {GOALS['bandwidth']:g} | "
+          f"{best['copy_bytes_per_s'] / 1e9:.1f} GB/s | {ratios['bandwidth']:.2f} | {median['bandwidth']:.2f} | "
+          f">= {GOALS['bandwidth']:g} | "
           f"{'yes' if ratios['bandwidth'] >= GOALS['bandwidth'] else 'no'} |")
     result = {
         "model": "lm small preset (random weights)", "hf_model": "GPT2LMHeadModel, same shape (random weights)",
@@ -185,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_tokens_per_s": {k: v for k, v in best.items() if k != "copy_bytes_per_s"},
         "copy_bytes_per_s": best["copy_bytes_per_s"], "seconds": "CPU seconds of the process" if
         device.type == "cpu" else "wall-clock", "runs": runs, "wall_clock_tokens_per_s": wall,
-        "ratios": ratios, "goals": goal_of, "meets_goal": {k: ratios[k] >= goal_of[k] for k in ratios},
+        "ratios": ratios, "per_round_ratios": per_round, "per_round_median": median,
+        "goals": goal_of, "meets_goal": {k: ratios[k] >= goal_of[k] for k in ratios},
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "python": platform.python_version()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

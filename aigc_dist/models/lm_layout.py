@@ -1,17 +1,19 @@
 """The CPU weight layout TransformerLM decodes with: Linear layers whose weights oneDNN packed once.
 
-`prepare_for_decode` is what `TextEngine` runs on a loaded model. On the CPU it swaps every Linear of
-the Transformer blocks for a `PackedLinear`, which keeps the same Parameter (state_dict keys and values
-are unchanged) and multiplies with a copy that oneDNN has reordered into its blocked layout, once.
+`prepare_for_decode` is what `TextEngine` runs on a loaded model. On the CPU it swaps the Linears of
+the Transformer blocks for `PackedLinear`s, which keep the same Parameters (state_dict keys and values
+are unchanged) and multiply through a copy that oneDNN has reordered into its blocked layout, once.
 
-Why (measured on the `small` preset, one thread, an AMD EPYC Zen 5 core; benchmarks/engine_decode.py):
-torch's default CPU matmul is MKL's, which takes its AVX2 code path on AMD processors (~95 GFLOP/s at
-32 rows), while oneDNN runs AVX-512 (~215 GFLOP/s); at one row (batch-1 decode) the packed layout
-streams the weights from memory ~1.5x faster than MKL's matrix-vector product. End to end: batch-1
-decode +26-36% and batch-32 decode +38% tokens/s, with the same tokens.
-
-Anything else (training, autograd, another device or dtype, a torch built without oneDNN) goes through
-the plain `F.linear` on the same Parameter, so a prepared model stays a normal model.
+Why, and when (measured with one thread on this machine's AMD EPYC Zen 5 core, 32 MB L3):
+- Many rows (batched decode, prefill): torch's default CPU matmul is MKL's, which takes its AVX2
+  code path on AMD processors (~95 GFLOP/s at 32 rows), while oneDNN runs AVX-512 (~215 GFLOP/s).
+  From 16 rows on, the packed product wins for every weight of 32k elements or more.
+- One row (batch-1 decode) of a model larger than the cache: every step reads all weights from
+  memory, and the packed layout streams them ~1.5x faster than MKL's matrix-vector product.
+- But oneDNN costs ~10 us more per call. A model whose weights stay in the cache (the demo's `mini`)
+  decodes few rows faster with MKL, and small matrices always do, so those keep `F.linear`.
+End to end on `small` (42.9 MB): batch-1 decode +26-36%, batch-32 decode +38% tokens/s, the same
+greedy tokens. Training, autograd, other devices and dtypes take the plain `F.linear` too.
 """
 
 from __future__ import annotations
@@ -35,18 +37,28 @@ def _version(weight: Tensor) -> int:
     return -1 if weight.is_inference() else weight._version
 
 
-class PackedLinear(nn.Module):
-    """`nn.Linear` for CPU inference: the same Parameters, multiplied through a oneDNN-packed copy.
+# oneDNN's extra ~10 us per call outweighs what it saves on smaller weights (measured, see above).
+MIN_PACKED_ELEMENTS = 32 * 1024
+# From this many rows, the AVX-512 GEMM wins even on weights that sit in the cache.
+BATCHED_ROWS = 16
+# Linear weights larger than this (a typical L3 cache) are read from memory at every decode step.
+STREAMED_BYTES = 32 * 2**20
 
-    The packed copy is rebuilt when the weight changes in place (load_state_dict, an optimizer step),
-    so it never goes stale. It costs one extra copy of the weight in memory.
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` for CPU inference: the same Parameters, multiplied through a oneDNN-packed copy
+    for inputs of at least `min_rows` rows (fewer rows take the plain `F.linear`).
+
+    The packed copy is made on first use and rebuilt when the weight changes in place
+    (load_state_dict, an optimizer step), so it never goes stale. It costs one more copy of the weight.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, min_rows: int = 1) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter: state_dict keys and values do not change
         self.bias = linear.bias
+        self.min_rows = min_rows
         self._packed: Tensor | None = None
         self._packed_version = -2
 
@@ -59,33 +71,41 @@ class PackedLinear(nn.Module):
         return self._packed
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32 or self.weight.dtype != x.dtype:
+        plain = torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32 or self.weight.dtype != x.dtype
+        if plain or x.numel() < self.min_rows * self.in_features:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, min_rows={self.min_rows}")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         # oneDNN's blocked tensor has no storage to pickle; it is rebuilt on first use.
         return {**super().__getstate__(), "_packed": None, "_packed_version": -2}
 
 
-def prepare_for_decode(model: TransformerLM) -> TransformerLM:
+def prepare_for_decode(
+    model: TransformerLM, min_elements: int = MIN_PACKED_ELEMENTS, streamed_bytes: int = STREAMED_BYTES
+) -> TransformerLM:
     """Put the model in eval mode and, on a CPU with oneDNN, its block Linears in the packed layout.
 
-    Returns the same model. Outputs are those of the plain model up to float rounding (oneDNN sums in
-    another order); the tests hold greedy decoding of a prepared model to the plain full-recompute
-    reference. The tied embedding / lm_head keeps its rows (the vocabulary is small, and the embedding
-    lookup needs them). No-op on other devices and dtypes, and when called twice.
+    A Linear of at least `min_elements` weights is packed; it uses the packed copy from one row on
+    when the blocks' Linear weights total more than `streamed_bytes` (they stream from memory at
+    every step), otherwise from BATCHED_ROWS rows on. Returns the same model. Outputs are those of the
+    plain model up to float rounding (oneDNN sums in another order); the tests hold greedy decoding of
+    a prepared model to the plain full-recompute reference. The tied embedding / lm_head keeps its
+    rows. No-op on other devices and dtypes, and when called twice.
     """
     model.eval()
     weight = model.wte.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_linear_available():
         return model
-    for block in model.blocks:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child))
+    linears = [(parent, name, child) for block in model.blocks for parent in (block.attn, block.mlp)
+               for name, child in parent.named_children() if type(child) is nn.Linear]  # fmt: skip
+    total_bytes = sum(child.weight.numel() * child.weight.element_size() for _, _, child in linears)
+    min_rows = 1 if total_bytes > streamed_bytes else BATCHED_ROWS
+    for parent, name, child in linears:
+        if child.weight.numel() >= min_elements:
+            setattr(parent, name, PackedLinear(child, min_rows))
     return model

@@ -10,11 +10,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from aigc_dist.models.lm import LMConfig, TransformerLM
+from aigc_dist.models.lm import LMConfig, TransformerLM, lm_config_from_preset
 from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
-from aigc_dist.models.lm_layout import PackedLinear, onednn_linear_available, prepare_for_decode
+from aigc_dist.models.lm_layout import BATCHED_ROWS, PackedLinear, onednn_linear_available, prepare_for_decode
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+
+# The tests' tiny models are below the size where packing pays; these settings pack them anyway.
+EVERYWHERE = {"min_elements": 0, "streamed_bytes": 0}
 
 
 def run(model, requests: list[DecodeRequest], slots: int) -> list[list[int]]:
@@ -51,7 +54,7 @@ def block_sensitive_model(seed: int) -> TransformerLM:
 
 def test_prepared_model_decodes_the_plain_models_greedy_tokens(random_prompts: Callable) -> None:
     plain = block_sensitive_model(seed=11)
-    prepared = prepare_for_decode(copy.deepcopy(plain))
+    prepared = prepare_for_decode(copy.deepcopy(plain), **EVERYWHERE)
     lengths = [3, 30, 1, 12, 25, 2, 7, 40]
     requests = [DecodeRequest(p, n, temperature=0) for p, n in zip(random_prompts(11, 8), lengths, strict=True)]
     expected = [full_recompute(plain, r) for r in requests]
@@ -68,7 +71,7 @@ def test_layout_keeps_the_parameters_and_follows_in_place_changes(make_model: Ca
                                                                   random_prompts: Callable) -> None:  # fmt: skip
     model, other = make_model(seed=12), make_model(seed=13)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prepare_for_decode(model)
+    prepare_for_decode(model, **EVERYWHERE)
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * model.config.n_layer  # qkv, attention out, MLP in and out of every block
     assert model.lm_head.weight is model.wte.weight  # the tied embedding keeps its rows
@@ -85,7 +88,7 @@ def test_layout_keeps_the_parameters_and_follows_in_place_changes(make_model: Ca
 
 
 def test_a_prepared_model_still_trains_and_pickles(make_model: Callable, random_prompts: Callable) -> None:
-    model = prepare_for_decode(make_model(seed=14))
+    model = prepare_for_decode(make_model(seed=14), **EVERYWHERE)
     requests = [DecodeRequest(p, 6, temperature=0) for p in random_prompts(14, 2)]
     expected = run(model, requests, slots=2)
     model.train()
@@ -95,3 +98,15 @@ def test_a_prepared_model_still_trains_and_pickles(make_model: Callable, random_
     assert model.blocks[0].mlp.c_fc.weight.grad is not None  # plain F.linear with autograd
     clone = pickle.loads(pickle.dumps(model.eval()))  # e.g. shipped to a Ray actor
     assert run(clone, requests, slots=2) == expected
+
+
+@pytest.mark.parametrize(("preset", "packed_per_block", "min_rows"), [
+    ("small", 4, 1),  # 42 MB of block weights: streamed from memory, so packed from one row on
+    ("mini", 3, BATCHED_ROWS),  # 1.6 MB stays in the cache; attention out (16k weights) stays plain
+    ("tiny", 0, None),  # every matrix under 32k weights: oneDNN's per-call cost would not pay
+])  # fmt: skip
+def test_packing_is_chosen_by_size(preset: str, packed_per_block: int, min_rows: int | None) -> None:
+    model = prepare_for_decode(TransformerLM(lm_config_from_preset(preset)))
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == packed_per_block * model.config.n_layer
+    assert {m.min_rows for m in packed} == ({min_rows} if packed else set())
