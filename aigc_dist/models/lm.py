@@ -234,11 +234,12 @@ class MLP(nn.Module):
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model, bias=config.bias)
+        self.act = nn.GELU()  # a module, so the CPU decode layout can fuse it into c_fc (lm_layout)
         self.c_proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.c_proj(F.gelu(self.c_fc(x)))
+        x = self.c_proj(self.act(self.c_fc(x)))
         return self.dropout(x) if self.training else x
 
 

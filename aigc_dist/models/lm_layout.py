@@ -13,7 +13,8 @@ Why, and when (measured with one thread on this machine's AMD EPYC Zen 5 core, 3
 - But oneDNN costs ~10 us more per call. A model whose weights stay in the cache (the demo's `mini`)
   decodes few rows faster with MKL, and small matrices always do, so those keep `F.linear`.
 End to end on `small` (42.9 MB): batch-1 decode +26-36%, batch-32 decode +38% tokens/s, the same
-greedy tokens. Training, autograd, other devices and dtypes take the plain `F.linear` too.
+greedy tokens; fusing the MLP's GELU into the first product adds 3% at batch 1. Training,
+autograd, other devices and dtypes take the plain `F.linear` too.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ class PackedLinear(nn.Module):
     (load_state_dict, an optimizer step), so it never goes stale. It costs one more copy of the weight.
     """
 
-    def __init__(self, linear: nn.Linear, min_rows: int = 1) -> None:
+    def __init__(self, linear: nn.Linear, min_rows: int = 1, gelu: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter: state_dict keys and values do not change
         self.bias = linear.bias
         self.min_rows = min_rows
+        self.gelu = gelu  # apply GELU (erf) to the output: fused into oneDNN's product
         self._packed: Tensor | None = None
         self._packed_version = -2
 
@@ -73,12 +75,14 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         plain = torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32 or self.weight.dtype != x.dtype
         if plain or x.numel() < self.min_rows * self.in_features:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y) if self.gelu else y
+        activation = ("gelu", [], "none") if self.gelu else ("none", [], "")  # "none": erf, as nn.GELU()
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, *activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, min_rows={self.min_rows}")  # fmt: skip
+                f"bias={self.bias is not None}, min_rows={self.min_rows}, gelu={self.gelu}")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         # oneDNN's blocked tensor has no storage to pickle; it is rebuilt on first use.
@@ -106,6 +110,11 @@ def prepare_for_decode(
     total_bytes = sum(child.weight.numel() * child.weight.element_size() for _, _, child in linears)
     min_rows = 1 if total_bytes > streamed_bytes else BATCHED_ROWS
     for parent, name, child in linears:
-        if child.weight.numel() >= min_elements:
-            setattr(parent, name, PackedLinear(child, min_rows))
+        if child.weight.numel() < min_elements:
+            continue
+        # The MLP's GELU runs inside the product (one call less per block and step: +3% at batch 1).
+        fuse = name == "c_fc" and type(getattr(parent, "act", None)) is nn.GELU and parent.act.approximate == "none"
+        setattr(parent, name, PackedLinear(child, min_rows, gelu=fuse))
+        if fuse:
+            parent.act = nn.Identity()
     return model

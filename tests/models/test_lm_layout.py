@@ -93,8 +93,10 @@ def test_a_prepared_model_still_trains_and_pickles(make_model: Callable, random_
     expected = run(model, requests, slots=2)
     model.train()
     idx = torch.tensor([requests[0].prompt * 2])
-    _, loss = model(idx, targets=idx)
+    logits, loss = model(idx, targets=idx)
     loss.backward()
+    with torch.no_grad():
+        assert torch.allclose(logits, plain_logits(model.state_dict(), model.eval(), idx), atol=1e-4)
     assert model.blocks[0].mlp.c_fc.weight.grad is not None  # plain F.linear with autograd
     clone = pickle.loads(pickle.dumps(model.eval()))  # e.g. shipped to a Ray actor
     assert run(clone, requests, slots=2) == expected
@@ -110,3 +112,6 @@ def test_packing_is_chosen_by_size(preset: str, packed_per_block: int, min_rows:
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == packed_per_block * model.config.n_layer
     assert {m.min_rows for m in packed} == ({min_rows} if packed else set())
+    # The MLP's GELU moves into its first product (and is applied exactly once).
+    fused = [getattr(b.mlp.c_fc, "gelu", False) and isinstance(b.mlp.act, torch.nn.Identity) for b in model.blocks]
+    assert fused == [bool(packed)] * model.config.n_layer
