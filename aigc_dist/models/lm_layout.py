@@ -29,7 +29,11 @@ from aigc_dist.models.lm import TransformerLM
 
 
 def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's prepacked linear (x86 and Arm CPU wheels do)."""
+    """Whether this torch build has oneDNN's prepacked linear (the pinned x86 CPU wheel does).
+
+    `torch.ops.mkldnn._linear_pointwise` / `_reorder_linear_weight` are the ops Inductor's CPU
+    freezing pass emits: internal, so checked here, and a torch without them keeps the plain path.
+    """
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
