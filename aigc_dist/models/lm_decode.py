@@ -282,6 +282,8 @@ class _Slots:
         self.request: list[int | None] = [None] * n  # index of the request a slot serves
         self.offset: list[int] = [0] * n  # cache length at step t is offset + t (host copy, no sync)
         self.sampled: list[bool] = [False] * n  # not greedy
+        self.top_k_set: list[bool] = [False] * n  # top_k below the vocabulary: the filter does something
+        self.top_p_set: list[bool] = [False] * n  # top_p below 1
         self.steps = torch.zeros(n, dtype=torch.long, device=device)  # tokens generated so far
         self.limit = torch.ones(n, dtype=torch.long, device=device)  # max_new_tokens
         self.active = torch.zeros(n, dtype=torch.bool, device=device)
@@ -309,6 +311,8 @@ class _Slots:
         self.request = [self.request[s] for s in slots]
         self.offset = [self.offset[s] for s in slots]
         self.sampled = [self.sampled[s] for s in slots]
+        self.top_k_set = [self.top_k_set[s] for s in slots]
+        self.top_p_set = [self.top_p_set[s] for s in slots]
 
 
 @torch.inference_mode()
@@ -360,14 +364,16 @@ def decode_stream(
                     live = list(range(len(live)))
                 offset = max(state.offset[s] for s in live)
                 sampling = any(state.sampled[s] for s in live)
+                # Each filter sorts the logits of every row: skipped when no live row uses it.
+                top_k = state.top_k if any(state.top_k_set[s] for s in live) else None
+                top_p = state.top_p if any(state.top_p_set[s] for s in live) else None
                 B, changed = len(state.request), False
             token = state.logits.argmax(dim=-1)  # [B]
             if sampling:
                 greedy = state.temperature == 0
                 width = state.uniforms.size(1)
                 u = state.uniforms.gather(1, state.steps.clamp(max=width - 1)[:, None])[:, 0]  # [B]
-                sampled = sample_tokens(state.logits, u, state.temperature.masked_fill(greedy, 1.0),
-                                        state.top_k, state.top_p)
+                sampled = sample_tokens(state.logits, u, state.temperature.masked_fill(greedy, 1.0), top_k, top_p)
                 token = torch.where(greedy, token, sampled)
             state.out.scatter_(1, state.steps.clamp(max=state.out.size(1) - 1)[:, None], token[:, None])
             state.steps += state.active.long()
@@ -449,6 +455,8 @@ def _admit(
     n_steps = state.uniforms.size(1)
     for slot, index, request in taken:
         state.request[slot], state.sampled[slot] = index, request.temperature != 0
+        state.top_k_set[slot] = request.top_k is not None and request.top_k < vocab
+        state.top_p_set[slot] = request.top_p is not None and request.top_p < 1
         state.offset[slot] = len(request.prompt) - step  # length at step t: prompt + tokens decoded since
         if state.sampled[slot]:
             draws = row_uniforms([request.seed], 1, request.max_new_tokens)[0]
