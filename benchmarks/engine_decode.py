@@ -20,8 +20,9 @@ The machine is shared by several people: seconds are the process's CPU seconds (
 so time the scheduler gives to other users' jobs does not count, and each configuration runs
 `--rounds` times, interleaved, and keeps its best; the table also gives each ratio's median over
 the rounds (both sides of a ratio measured in the same round). With one thread (the default, the
-backfill's actor layout: one CPU per generator actor) tokens per CPU second is tokens/s per core; on an idle machine
-it equals wall-clock tokens/s. Wall-clock figures are in the JSON too. On CUDA, wall-clock is used.
+backfill's actor layout: one CPU per generator actor) tokens per CPU second is tokens/s per core;
+on an idle machine it equals wall-clock tokens/s. Wall-clock figures are in the JSON too. On CUDA,
+wall-clock is used.
 
     .venv/bin/python benchmarks/engine_decode.py [--threads 1] [--rounds 3] [--device cpu]
 

@@ -281,9 +281,7 @@ class _Slots:
     def __init__(self, n: int, vocab: int, device: torch.device):
         self.request: list[int | None] = [None] * n  # index of the request a slot serves
         self.offset: list[int] = [0] * n  # cache length at step t is offset + t (host copy, no sync)
-        self.sampled: list[bool] = [False] * n  # not greedy
-        self.top_k_set: list[bool] = [False] * n  # top_k below the vocabulary: the filter does something
-        self.top_p_set: list[bool] = [False] * n  # top_p below 1
+        self.params: list[DecodeRequest | None] = [None] * n  # the request a slot serves (host copy)
         self.steps = torch.zeros(n, dtype=torch.long, device=device)  # tokens generated so far
         self.limit = torch.ones(n, dtype=torch.long, device=device)  # max_new_tokens
         self.active = torch.zeros(n, dtype=torch.bool, device=device)
@@ -310,9 +308,7 @@ class _Slots:
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.request = [self.request[s] for s in slots]
         self.offset = [self.offset[s] for s in slots]
-        self.sampled = [self.sampled[s] for s in slots]
-        self.top_k_set = [self.top_k_set[s] for s in slots]
-        self.top_p_set = [self.top_p_set[s] for s in slots]
+        self.params = [self.params[s] for s in slots]
 
 
 @torch.inference_mode()
@@ -338,9 +334,9 @@ def decode_stream(
     if not _is_int(slots) or slots < 1:
         raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
     config, weight = model.config, model.wte.weight
-    device = weight.device
+    device, vocab = weight.device, config.vocab_size
     pending = enumerate(requests)
-    state = _Slots(slots, config.vocab_size, device)
+    state = _Slots(slots, vocab, device)
     cache = SlotCache(config, slots, min(max_len or config.max_seq_len, config.max_seq_len), device, weight.dtype)
     exhausted, step, changed = False, 0, True
     was_training = model.training
@@ -363,10 +359,11 @@ def decode_stream(
                     cache.keep(torch.tensor(live, device=device))
                     live = list(range(len(live)))
                 offset = max(state.offset[s] for s in live)
-                sampling = any(state.sampled[s] for s in live)
+                params = [state.params[s] for s in live]
+                sampling = any(r.temperature != 0 for r in params)
                 # Each filter sorts the logits of every row: skipped when no live row uses it.
-                top_k = state.top_k if any(state.top_k_set[s] for s in live) else None
-                top_p = state.top_p if any(state.top_p_set[s] for s in live) else None
+                top_k = state.top_k if any((r.top_k or vocab) < vocab for r in params) else None
+                top_p = state.top_p if any((r.top_p or 1.0) < 1.0 for r in params) else None
                 B, changed = len(state.request), False
             token = state.logits.argmax(dim=-1)  # [B]
             if sampling:
@@ -454,11 +451,9 @@ def _admit(
         target.index_copy_(0, slots, column.to(device, target.dtype))
     n_steps = state.uniforms.size(1)
     for slot, index, request in taken:
-        state.request[slot], state.sampled[slot] = index, request.temperature != 0
-        state.top_k_set[slot] = request.top_k is not None and request.top_k < vocab
-        state.top_p_set[slot] = request.top_p is not None and request.top_p < 1
+        state.request[slot], state.params[slot] = index, request
         state.offset[slot] = len(request.prompt) - step  # length at step t: prompt + tokens decoded since
-        if state.sampled[slot]:
+        if request.temperature != 0:
             draws = row_uniforms([request.seed], 1, request.max_new_tokens)[0]
             state.uniforms[slot] = F.pad(draws, (0, n_steps - len(draws))).to(device)
     return empty, exhausted

@@ -109,16 +109,19 @@ def prepare_for_decode(
     weight = model.wte.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_linear_available():
         return model
-    linears = [(parent, name, child) for block in model.blocks for parent in (block.attn, block.mlp)
-               for name, child in parent.named_children() if type(child) is nn.Linear]  # fmt: skip
-    total_bytes = sum(child.weight.numel() * child.weight.element_size() for _, _, child in linears)
+    linears = [(module, name) for block in model.blocks
+               for module, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                    (block.mlp, "c_proj"))
+               if type(getattr(module, name)) is nn.Linear]  # not yet prepared  # fmt: skip
+    total_bytes = sum(getattr(m, name).weight.nbytes for m, name in linears)
     min_rows = 1 if total_bytes > streamed_bytes else BATCHED_ROWS
-    for parent, name, child in linears:
-        if child.weight.numel() < min_elements:
+    for module, name in linears:
+        linear = getattr(module, name)
+        if linear.weight.numel() < min_elements:
             continue
-        # The MLP's GELU runs inside the product (one call less per block and step: +3% at batch 1).
-        fuse = name == "c_fc" and type(getattr(parent, "act", None)) is nn.GELU and parent.act.approximate == "none"
-        setattr(parent, name, PackedLinear(child, min_rows, gelu=fuse))
+        # The MLP's GELU runs inside its first product (one call less per block and step: +3% at batch 1).
+        fuse = name == "c_fc"
+        setattr(module, name, PackedLinear(linear, min_rows, gelu=fuse))
         if fuse:
-            parent.act = nn.Identity()
+            module.act = nn.Identity()
     return model

@@ -22,38 +22,22 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def run(model, requests: list[DecodeRequest], slots: int, **kwargs) -> list[list[int]]:
-    """decode_stream's results put back in request order."""
-    out: dict[int, list[int]] = {}
-    for index, tokens in decode_stream(model, requests, slots, **kwargs):
-        assert index not in out, f"request {index} finished twice"
-        out[index] = tokens
-    assert sorted(out) == list(range(len(requests)))
-    return [out[i] for i in range(len(requests))]
-
-
-def reference(model, request: DecodeRequest, eos_id: int | None = None, use_cache: bool = False) -> list[int]:
-    """The request alone through TransformerLM.generate (full recompute by default)."""
-    return model.generate([request.prompt], request.max_new_tokens, temperature=request.temperature,
-                          top_k=request.top_k, top_p=request.top_p, eos_id=eos_id, seeds=[request.seed],
-                          use_cache=use_cache)[0]  # fmt: skip
-
-
 @pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
 @pytest.mark.parametrize("refill", [True, False])
 def test_greedy_equals_full_recompute_with_ragged_prompts_and_lengths(
-    pos_encoding: str, refill: bool, make_model: Callable, random_prompts: Callable
+    pos_encoding: str, refill: bool, make_model: Callable, random_prompts: Callable, decode_all: Callable,
+    reference: Callable,
 ) -> None:
     model = make_model(seed=1, pos_encoding=pos_encoding)
     lengths = [3, 30, 1, 12, 25, 2, 7, 40, 5, 9]  # more requests than slots, very uneven outputs
     requests = [DecodeRequest(p, n, temperature=0) for p, n in zip(random_prompts(1, 10), lengths, strict=True)]
-    outputs = run(model, requests, slots=3, refill=refill)
+    outputs = decode_all(model, requests, slots=3, refill=refill)
     assert outputs == [reference(model, r) for r in requests]
     assert [len(o) for o in outputs] == lengths
 
 
 def test_a_request_is_the_same_alone_in_a_static_batch_and_in_a_continuous_batch(
-    make_model: Callable, random_prompts: Callable
+    make_model: Callable, random_prompts: Callable, decode_all: Callable, reference: Callable
 ) -> None:
     model = make_model(seed=2)
     prompts = random_prompts(2, 12)
@@ -67,26 +51,30 @@ def test_a_request_is_the_same_alone_in_a_static_batch_and_in_a_continuous_batch
     neighbours = [DecodeRequest(p, n, temperature=t, seed=s) for p, n, t, s in
                   zip(prompts[1:8], [2, 15, 3, 30, 1, 8, 4], [0, 1.0, 0.5, 0, 2.0, 0, 1.0], range(100, 107),
                       strict=True)]  # fmt: skip
-    continuous = run(model, [*neighbours[:3], target, *neighbours[3:]], slots=3)[3]
-    other_mix = run(model, [*neighbours[4:], target, *neighbours[:2]], slots=2)[3]
+    continuous = decode_all(model, [*neighbours[:3], target, *neighbours[3:]], slots=3)[3]
+    other_mix = decode_all(model, [*neighbours[4:], target, *neighbours[:2]], slots=2)[3]
     assert alone == static == continuous == other_mix
-    assert run(model, [DecodeRequest(prompts[0], 20, seed=8, **sampled)], slots=1)[0] != alone
+    assert decode_all(model, [DecodeRequest(prompts[0], 20, seed=8, **sampled)], slots=1)[0] != alone
 
 
-def test_greedy_and_sampled_rows_share_a_batch(make_model: Callable, random_prompts: Callable) -> None:
+def test_greedy_and_sampled_rows_share_a_batch(
+    make_model: Callable, random_prompts: Callable, decode_all: Callable, reference: Callable
+) -> None:
     model = make_model(seed=3)
     requests = [DecodeRequest(p, 16, temperature=t, top_k=k, top_p=q, seed=i) for i, (p, t, k, q) in
                 enumerate(zip(random_prompts(3, 6), [0, 0.8, 1.5, 0, 1.0, 2.0], [None, 40, None, 5, 1, None],
                               [None, None, 0.9, None, None, 1e-6], strict=True))]  # fmt: skip
-    assert run(model, requests, slots=4) == [reference(model, r) for r in requests]
+    assert decode_all(model, requests, slots=4) == [reference(model, r) for r in requests]
 
 
-def test_rows_stop_at_eos_and_free_their_slot_at_once(make_model: Callable, random_prompts: Callable) -> None:
+def test_rows_stop_at_eos_and_free_their_slot_at_once(
+    make_model: Callable, random_prompts: Callable, decode_all: Callable, reference: Callable
+) -> None:
     model = make_model(seed=4)
     prompts = random_prompts(4, 6)
     eos = model.generate(prompts[:1], 6, greedy=True)[0][3]  # a token request 0 emits at its 4th step
     requests = [DecodeRequest(p, 24, temperature=0) for p in prompts]
-    outputs = run(model, requests, slots=2, eos_id=eos)
+    outputs = decode_all(model, requests, slots=2, eos_id=eos)
     assert outputs == [reference(model, r, eos_id=eos) for r in requests]
     assert len(outputs[0]) <= 3 and eos not in sum(outputs, [])
 
@@ -114,20 +102,23 @@ def test_a_freed_slot_takes_the_next_request_at_once(make_model: Callable, rando
     assert steps[False] >= 4 * 39 and steps[True] < 0.6 * steps[False]
 
 
-def test_batch_shrinks_to_the_live_rows_when_the_stream_runs_dry(make_model: Callable,
-                                                                  random_prompts: Callable) -> None:  # fmt: skip
+def test_batch_shrinks_to_the_live_rows_when_the_stream_runs_dry(
+    make_model: Callable, random_prompts: Callable, decode_all: Callable, reference: Callable
+) -> None:
     model = make_model(seed=6)
     requests = [DecodeRequest(p, n, temperature=0) for p, n in zip(random_prompts(6, 4), [40, 1, 2, 3], strict=True)]
     widths: list[int] = []
     hidden = model.hidden
     model.hidden = lambda idx, *a: widths.append(idx.size(0)) or hidden(idx, *a)
-    outputs = run(model, requests, slots=4)
+    outputs = decode_all(model, requests, slots=4)
     del model.hidden
     assert widths[-1] == 1  # the long request finishes alone, not in a batch of 4 mostly empty rows
     assert outputs == [reference(model, r) for r in requests]
 
 
-def test_requests_are_pulled_lazily_and_the_cache_grows(make_model: Callable, random_prompts: Callable) -> None:
+def test_requests_are_pulled_lazily_and_the_cache_grows(
+    make_model: Callable, random_prompts: Callable, reference: Callable
+) -> None:
     model = make_model(seed=7)
     prompts = random_prompts(7, 5)
     pulled: list[int] = []
@@ -145,27 +136,29 @@ def test_requests_are_pulled_lazily_and_the_cache_grows(make_model: Callable, ra
     assert rest[4] == reference(model, DecodeRequest(prompts[4], 50, temperature=0))
 
 
-def test_bad_requests_and_edge_cases(make_model: Callable) -> None:
+def test_bad_requests_and_edge_cases(make_model: Callable, decode_all: Callable) -> None:
     model = make_model()
-    assert run(model, [], slots=2) == []
-    assert run(model, [DecodeRequest([1], 0), DecodeRequest([1, 2], 3, temperature=0)], slots=1)[0] == []
+    assert decode_all(model, [], slots=2) == []
+    assert decode_all(model, [DecodeRequest([1], 0), DecodeRequest([1, 2], 3, temperature=0)], slots=1)[0] == []
     with pytest.raises(ValueError, match="request 1 is empty"):
-        run(model, [DecodeRequest([1], 2), DecodeRequest([], 2)], slots=2)
+        decode_all(model, [DecodeRequest([1], 2), DecodeRequest([], 2)], slots=2)
     with pytest.raises(ValueError, match="request 0 has 60 tokens.*max_seq_len=64"):
-        run(model, [DecodeRequest([1] * 60, 10)], slots=1)
+        decode_all(model, [DecodeRequest([1] * 60, 10)], slots=1)
     with pytest.raises(ValueError, match="top_p"):
-        run(model, [DecodeRequest([1], 2, top_p=0.0)], slots=1)
+        decode_all(model, [DecodeRequest([1], 2, top_p=0.0)], slots=1)
     with pytest.raises(ValueError, match="slots must be an int >= 1"):
-        run(model, [DecodeRequest([1], 2)], slots=0)
+        decode_all(model, [DecodeRequest([1], 2)], slots=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_stream_on_cuda(dtype: torch.dtype, make_model: Callable, random_prompts: Callable) -> None:
+def test_decode_stream_on_cuda(
+    dtype: torch.dtype, make_model: Callable, random_prompts: Callable, decode_all: Callable, reference: Callable
+) -> None:
     model = make_model(seed=8).to("cuda", dtype)
     requests = [DecodeRequest(p, n, temperature=0) for p, n in zip(random_prompts(8, 6), [5, 20, 3, 9, 14, 2],
                                                                     strict=True)]  # fmt: skip
-    outputs = run(model, requests, slots=3)
+    outputs = decode_all(model, requests, slots=3)
     assert [len(o) for o in outputs] == [5, 20, 3, 9, 14, 2]
     if dtype == torch.float32:
         assert outputs == [reference(model, r) for r in requests]

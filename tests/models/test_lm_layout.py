@@ -11,28 +11,16 @@ import pytest
 import torch
 
 from aigc_dist.models.lm import LMConfig, TransformerLM, lm_config_from_preset
-from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
-from aigc_dist.models.lm_layout import BATCHED_ROWS, PackedLinear, onednn_linear_available, prepare_for_decode
-
-pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+from aigc_dist.models.lm_decode import DecodeRequest
+from aigc_dist.models.lm_layout import BATCHED_ROWS, PackedLinear, prepare_for_decode
 
 # The tests' tiny models are below the size where packing pays; these settings pack them anyway.
 EVERYWHERE = {"min_elements": 0, "streamed_bytes": 0}
 
 
-def run(model, requests: list[DecodeRequest], slots: int) -> list[list[int]]:
-    out = dict(decode_stream(model, requests, slots))
-    return [out[i] for i in range(len(requests))]
-
-
-def full_recompute(model, request: DecodeRequest) -> list[int]:
-    return model.generate([request.prompt], request.max_new_tokens, temperature=request.temperature,
-                          seeds=[request.seed], use_cache=False)[0]  # fmt: skip
-
-
-def plain_logits(state: dict, like, idx: torch.Tensor) -> torch.Tensor:
+def plain_logits(config: LMConfig, state: dict, idx: torch.Tensor) -> torch.Tensor:
     """Logits of a plain (unprepared) model holding `state`."""
-    plain = type(like)(like.config).eval()
+    plain = TransformerLM(config).eval()
     plain.load_state_dict(state)
     return plain(idx)[0]
 
@@ -52,19 +40,21 @@ def block_sensitive_model(seed: int) -> TransformerLM:
     return model
 
 
-def test_prepared_model_decodes_the_plain_models_greedy_tokens(random_prompts: Callable) -> None:
+def test_prepared_model_decodes_the_plain_models_greedy_tokens(
+    random_prompts: Callable, decode_all: Callable, reference: Callable
+) -> None:
     plain = block_sensitive_model(seed=11)
     prepared = prepare_for_decode(copy.deepcopy(plain), **EVERYWHERE)
     lengths = [3, 30, 1, 12, 25, 2, 7, 40]
     requests = [DecodeRequest(p, n, temperature=0) for p, n in zip(random_prompts(11, 8), lengths, strict=True)]
-    expected = [full_recompute(plain, r) for r in requests]
+    expected = [reference(plain, r) for r in requests]
     assert len({t for tokens in expected for t in tokens}) >= 10  # not one token repeated
-    assert run(prepared, requests, slots=3) == expected
-    assert run(prepared, requests[-1:], slots=1) == expected[-1:]  # one row: the matrix-vector path
+    assert decode_all(prepared, requests, slots=3) == expected
+    assert decode_all(prepared, requests[-1:], slots=1) == expected[-1:]  # one row: the matrix-vector path
 
     with torch.no_grad():
         prepared.blocks[1].mlp.c_fc.weight.mul_(1.01)
-    assert run(prepared, requests, slots=3) != expected  # the check above can see a wrong block
+    assert decode_all(prepared, requests, slots=3) != expected  # the check above can see a wrong block
 
 
 def test_layout_keeps_the_parameters_and_follows_in_place_changes(make_model: Callable,
@@ -81,25 +71,27 @@ def test_layout_keeps_the_parameters_and_follows_in_place_changes(make_model: Ca
     idx = torch.tensor(random_prompts(12, 1, max_len=12))
     with torch.inference_mode():
         logits = model(idx)[0]  # packs the weights
-        assert torch.allclose(logits, plain_logits(before, model, idx), atol=1e-4)
+        assert torch.allclose(logits, plain_logits(model.config, before, idx), atol=1e-4)
         model.load_state_dict(other.state_dict())  # in place: the packed copies must not go stale
         assert torch.allclose(model(idx)[0], other(idx)[0], atol=1e-4)
         assert not torch.allclose(logits, other(idx)[0], atol=1e-2)
 
 
-def test_a_prepared_model_still_trains_and_pickles(make_model: Callable, random_prompts: Callable) -> None:
+def test_a_prepared_model_still_trains_and_pickles(
+    make_model: Callable, random_prompts: Callable, decode_all: Callable
+) -> None:
     model = prepare_for_decode(make_model(seed=14), **EVERYWHERE)
     requests = [DecodeRequest(p, 6, temperature=0) for p in random_prompts(14, 2)]
-    expected = run(model, requests, slots=2)
+    expected = decode_all(model, requests, slots=2)
     model.train()
     idx = torch.tensor([requests[0].prompt * 2])
     logits, loss = model(idx, targets=idx)
     loss.backward()
     with torch.no_grad():
-        assert torch.allclose(logits, plain_logits(model.state_dict(), model.eval(), idx), atol=1e-4)
+        assert torch.allclose(logits, plain_logits(model.config, model.state_dict(), idx), atol=1e-4)
     assert model.blocks[0].mlp.c_fc.weight.grad is not None  # plain F.linear with autograd
     clone = pickle.loads(pickle.dumps(model.eval()))  # e.g. shipped to a Ray actor
-    assert run(clone, requests, slots=2) == expected
+    assert decode_all(clone, requests, slots=2) == expected
 
 
 @pytest.mark.parametrize(("preset", "packed_per_block", "min_rows"), [
