@@ -1,13 +1,21 @@
 """Prompts rendered from user and item features: the conditioning half of every text example.
 
-Token layout (special ids from the tokenizer, text as UTF-8 bytes):
+Two layouts (`PromptTemplate.layout`):
 
-    <bos> <user> (<field> name <value> value)* <item> (<field> name <value> value)* <sep>
+- "markers", the project's own models (their tokenizer has these special tokens):
 
-and for training `encode_example` appends the target copy and `<eos>`. Values are rendered to text
-(lists joined with ", "), cut to `max_field_chars` characters, then, if the prompt is over its token
-budget, shortened together (see `_fit_values`). Budgets count one token per UTF-8 byte, which is what
-the project's ByteTokenizer produces; every cut falls on a code point boundary.
+      <bos> <user> (<field> name <value> value)* <item> (<field> name <value> value)* <sep>
+
+- "text", any checkpoint a user brings (no special tokens needed beyond its BOS, if any):
+
+      [bos] "user: name=value | name=value\nitem: name=value | ...\ncopy:\n"
+
+and for training `encode_example` appends the target copy and the tokenizer's EOS. Values are rendered
+to text (lists joined with ", "), cut to `max_field_chars` characters, then, if the prompt is over its
+token budget, shortened together (see `_fit_values`). Budgets count UTF-8 bytes: exactly the tokens of
+the project's byte-level tokenizer, and an upper bound for byte-level BPE vocabularies (a token holds
+at least one byte), so a prompt never exceeds its budget; every cut falls on a code point boundary.
+Special tokens enter prompts by id only: text that says "<eos>" stays text.
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from aigc_dist.models.tokenizer import ByteTokenizer
+    from aigc_dist.models.tokenizer import TextTokenizer
 
 # Part of the digest: bump when the token layout changes, so old request ids never match new prompts.
 PROMPT_LAYOUT = "v1"
-# <bos>, <user>, <item>, <sep>; each field adds <field> + name + <value> + value.
+# markers: <bos>, <user>, <item>, <sep>; each field adds <field> + name + <value> + value.
 _FIXED_TOKENS = 4
+# text: the fixed words, and what each field adds besides its name and value (" | " and "=").
+_TEXT_FIXED, _TEXT_PER_FIELD = "user: \nitem: \ncopy:\n", 4
 
 Pairs = list[tuple[str, str]]
 
@@ -51,6 +61,9 @@ class PromptTemplate:
     """Each value is cut to this many characters (code points) before the token budget applies."""
     max_prompt_tokens: int = 192
     """Token budget of the whole prompt, <bos> to <sep> inclusive."""
+    layout: Literal["markers", "text"] = "markers"
+    """"markers": the project's special tokens (its own models); "text": plain text any tokenizer
+    encodes (checkpoints a user brings, whose vocabulary has no such markers)."""
 
     def __post_init__(self) -> None:
         for name in ("user_fields", "item_fields", "required_user_fields", "required_item_fields"):
@@ -65,14 +78,18 @@ class PromptTemplate:
                                  f"(got {sorted(extra)})")
         if self.max_field_chars < 1:
             raise ValueError(f"PromptTemplate.max_field_chars must be >= 1 (got {self.max_field_chars})")
-        skeleton = _skeleton_tokens([*self.user_fields, *self.item_fields])
+        if self.layout not in ("markers", "text"):
+            raise ValueError(f"PromptTemplate.layout must be 'markers' or 'text' (got {self.layout!r})")
+        skeleton = _skeleton_tokens([*self.user_fields, *self.item_fields], self.layout)
         if self.max_prompt_tokens < skeleton:
             raise ValueError(f"PromptTemplate.max_prompt_tokens must be >= {skeleton}, the markers and names "
                              f"of all fields (got {self.max_prompt_tokens})")
 
 
-def _skeleton_tokens(names: list[str]) -> int:
-    """Prompt tokens besides the values of fields `names`."""
+def _skeleton_tokens(names: list[str], layout: str = "markers") -> int:
+    """Prompt tokens (bytes, at most) besides the values of fields `names`."""
+    if layout == "text":  # + 1 for a BOS the tokenizer may have
+        return 1 + len(_TEXT_FIXED) + sum(_TEXT_PER_FIELD + len(n.encode("utf-8")) for n in names)
     return _FIXED_TOKENS + sum(2 + len(n.encode("utf-8")) for n in names)
 
 
@@ -121,13 +138,13 @@ def _water_level(lengths: list[int], budget: int) -> int:
     return max(lengths, default=0)
 
 
-def _fit_values(user: Pairs, item: Pairs, budget: int) -> tuple[Pairs, Pairs]:
+def _fit_values(user: Pairs, item: Pairs, budget: int, layout: str) -> tuple[Pairs, Pairs]:
     """Shorten values until the prompt fits `budget` tokens (or to empty, if markers and names fill it).
 
     Every value is cut to the same byte cap, the largest that fits (water-filling): values shorter than
     the cap are untouched, so one long title cannot push out the segment. Markers and names are never cut.
     """
-    skeleton = _skeleton_tokens([n for n, _ in user + item])
+    skeleton = _skeleton_tokens([n for n, _ in user + item], layout)
     lengths = [len(v.encode("utf-8")) for _, v in user + item]
     if sum(lengths) + skeleton <= budget:
         return user, item
@@ -140,31 +157,55 @@ def render_prompt(user: Mapping[str, Any], item: Mapping[str, Any], template: Pr
 
     e.g. "<user> segment=student | locale=en <item> title=Aurora Trail Backpack | category=outdoor".
     """
-    u, i = _fit_values(*_fields(user, item, template), template.max_prompt_tokens)
+    u, i = _fit_values(*_fields(user, item, template), template.max_prompt_tokens, template.layout)
     return " ".join(["<user>", " | ".join(f"{n}={v}" for n, v in u),
                      "<item>", " | ".join(f"{n}={v}" for n, v in i)])
 
 
-def _encode_pairs(user: Pairs, item: Pairs, tokenizer: ByteTokenizer) -> list[int]:
-    def fields(pairs: Pairs) -> list[int]:
-        return [i for name, value in pairs for i in (tokenizer.field_id, *tokenizer.encode(name),
-                                                     tokenizer.value_id, *tokenizer.encode(value))]
+def text_prompt(user: Pairs, item: Pairs) -> str:
+    """The "text" layout's prompt, without the BOS."""
+    def side(pairs: Pairs) -> str:
+        return " | ".join(f"{name}={value}" for name, value in pairs)
 
-    tok = tokenizer
-    return [tok.bos_id, tok.user_id, *fields(user), tok.item_id, *fields(item), tok.sep_id]
+    return f"user: {side(user)}\nitem: {side(item)}\ncopy:\n"
+
+
+def _encode_pairs(user: Pairs, item: Pairs, tokenizer: TextTokenizer, layout: str) -> list[int]:
+    if layout == "text":
+        bos = tokenizer.bos_id
+        return ([] if bos is None else [bos]) + tokenizer.encode(text_prompt(user, item))
+    marker = tokenizer.special_id
+    field_id, value_id = marker("<field>"), marker("<value>")
+    texts = tokenizer.encode_many([t for pair in user + item for t in pair])  # name, value, name, value...
+    ids = [marker("<bos>"), marker("<user>")]
+    for n, (name, value) in enumerate(zip(texts[::2], texts[1::2], strict=True)):
+        if n == len(user):
+            ids.append(marker("<item>"))
+        ids += [field_id, *name, value_id, *value]
+    if len(user) == len(texts) // 2:
+        ids.append(marker("<item>"))
+    return ids + [marker("<sep>")]
 
 
 def encode_prompt(user: Mapping[str, Any], item: Mapping[str, Any], template: PromptTemplate,
-                  tokenizer: ByteTokenizer) -> list[int]:
-    """Prompt token ids, <bos> .. <sep>, at most `template.max_prompt_tokens` long.
+                  tokenizer: TextTokenizer) -> list[int]:
+    """Prompt token ids, BOS to the end of the prompt, at most `template.max_prompt_tokens` long.
 
     Missing optional fields are skipped; a missing required field raises PromptError naming it.
     """
-    return _encode_pairs(*_fit_values(*_fields(user, item, template), template.max_prompt_tokens), tokenizer)
+    pairs = _fit_values(*_fields(user, item, template), template.max_prompt_tokens, template.layout)
+    return _encode_pairs(*pairs, tokenizer, template.layout)
+
+
+def _eos_id(tokenizer: TextTokenizer) -> int:
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise PromptError(f"{tokenizer.source}: tokenizer_config.json names no eos_token; training needs one")
+    return eos
 
 
 def encode_example(user: Mapping[str, Any], item: Mapping[str, Any], copy: str, template: PromptTemplate,
-                   tokenizer: ByteTokenizer, max_seq_len: int) -> tuple[list[int], list[bool]]:
+                   tokenizer: TextTokenizer, max_seq_len: int) -> tuple[list[int], list[bool]]:
     """A training example: prompt ids + copy ids + <eos>, and a loss mask True on the copy and <eos>.
 
     Fitting into `max_seq_len` (the loss is on the copy, so the copy is cut last):
@@ -175,19 +216,22 @@ def encode_example(user: Mapping[str, Any], item: Mapping[str, Any], copy: str, 
     PromptError if max_seq_len cannot hold the prompt's markers and names plus <eos>.
     """
     u, i = _fields(user, item, template)
-    skeleton = _skeleton_tokens([n for n, _ in u + i])
+    skeleton = _skeleton_tokens([n for n, _ in u + i], template.layout)
     if skeleton + 1 > max_seq_len:
         raise PromptError(f"max_seq_len={max_seq_len} cannot hold the prompt's {skeleton} marker and name "
                           "tokens plus <eos>")
     copy_bytes = len(copy.encode("utf-8"))
     budget = max(skeleton, min(template.max_prompt_tokens, max_seq_len - copy_bytes - 1))
-    prompt = _encode_pairs(*_fit_values(u, i, budget), tokenizer)
+    prompt = _encode_pairs(*_fit_values(u, i, budget, template.layout), tokenizer, template.layout)
     copy_ids = tokenizer.encode(_cut_bytes(copy, max_seq_len - len(prompt) - 1))
-    ids = prompt + copy_ids + [tokenizer.eos_id]
+    ids = prompt + copy_ids + [_eos_id(tokenizer)]
     return ids, [False] * len(prompt) + [True] * (len(copy_ids) + 1)
 
 
 def template_digest(template: PromptTemplate) -> str:
     """Stable 16-hex-digit hash of the template and the token layout (feeds request ids)."""
-    payload = json.dumps({"layout": PROMPT_LAYOUT, **asdict(template)}, sort_keys=True, separators=(",", ":"))
+    fields = asdict(template)
+    if fields["layout"] == "markers":  # the original layout keeps its digest, so its request ids stay valid
+        del fields["layout"]
+    payload = json.dumps({"layout": PROMPT_LAYOUT, **fields}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

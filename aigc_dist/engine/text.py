@@ -13,12 +13,10 @@ from typing import Any, Literal
 import torch
 
 from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt
-from aigc_dist.models.artifact import Artifact, ArtifactError, ArtifactStore, load_artifact
-from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
-from aigc_dist.models.lm_layout import prepare_for_decode
-
-# Key under which an LM artifact's config.json carries the prompt template it was trained with.
-PROMPT_TEMPLATE_KEY = "prompt_template"
+from aigc_dist.engine.cpu_layout import prepare_for_decode
+from aigc_dist.engine.decode import DecodeRequest, decode_stream
+from aigc_dist.models.artifact import PROMPT_TEMPLATE_KEY, Artifact, ArtifactError, ArtifactStore, load_artifact
+from aigc_dist.models.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,19 @@ def prompt_template_of(artifact: Artifact) -> PromptTemplate:
     return PromptTemplate(**raw)
 
 
+def check_template_fits(template: PromptTemplate, tokenizer: TextTokenizer) -> None:
+    """ArtifactError naming the missing tokens when a "markers" template meets a tokenizer without them
+    (a checkpoint the user brought): say to use the "text" layout instead."""
+    if template.layout != "markers":
+        return
+    missing = [t for t in SPECIAL_TOKENS[1:] if tokenizer.token_id(t) is None]
+    if missing:
+        raise ArtifactError(f"{tokenizer.source}: tokenizer.json has no {', '.join(missing)} for the prompt "
+                            "template's layout 'markers'; set data.template.layout = \"text\" for this checkpoint")
+
+
 def prompt_conditioning(template: PromptTemplate) -> dict[str, Any]:
-    """What `save_artifact(conditioning=...)` records for an LM so the engine can rebuild prompts."""
+    """What an LM's metadata.json records so the engine renders prompts exactly as training did."""
     return {PROMPT_TEMPLATE_KEY: asdict(template)}
 
 
@@ -105,6 +114,11 @@ class TextEngine:
         self.template = prompt_template_of(artifact)
         self.max_batch_size = max_batch_size
         self.scheduling = scheduling
+        self.context = self.model.config.max_position_embeddings
+        check_template_fits(self.template, self.tokenizer)
+        eos = self.tokenizer.eos_id
+        # Generation stops at any of the checkpoint's EOS ids (Qwen2 has two) and the tokenizer's.
+        self.eos_ids = sorted(set(self.model.config.eos_token_id) | ({eos} if eos is not None else set()))
 
     @classmethod
     def from_uri(cls, uri: str, store: ArtifactStore, **kwargs: Any) -> TextEngine:
@@ -113,7 +127,7 @@ class TextEngine:
     @property
     def max_new_tokens_limit(self) -> int:
         """Longest continuation of the shortest possible prompt the context window admits."""
-        return self.model.config.max_seq_len - 1
+        return self.context - 1
 
     def generate(self, requests: Sequence[TextRequest]) -> list[TextResult]:
         """One result per request, in order. A request that cannot be served (missing required
@@ -124,15 +138,15 @@ class TextEngine:
         for index, request in enumerate(requests):
             try:
                 prompt = encode_prompt(request.user, request.item, self.template, self.tokenizer)
-            except PromptError as exc:
+            except (PromptError, UnicodeError) as exc:  # a lone surrogate in a value cannot be encoded
                 results[index].error = f"prompt: {exc}"
                 continue
-            room = self.model.config.max_seq_len - len(prompt)
+            room = self.context - len(prompt)
             sampling = request.sampling
             if sampling.max_new_tokens > room:
                 results[index].error = (
                     f"prompt of {len(prompt)} tokens + max_new_tokens={sampling.max_new_tokens} "
-                    f"exceeds the model's context of {self.model.config.max_seq_len}"
+                    f"exceeds the model's context of {self.context}"
                 )
                 continue
             results[index].prompt_tokens = len(prompt)
@@ -145,7 +159,7 @@ class TextEngine:
             self.model,
             decode,
             slots=min(self.max_batch_size, len(decode)),
-            eos_id=self.tokenizer.eos_id,
+            eos_ids=self.eos_ids,
             refill=self.scheduling == "continuous",
             max_len=max(len(r.prompt) + r.max_new_tokens for r in decode),
         )

@@ -1,6 +1,9 @@
 """Trained-model artifacts: a directory that rebuilds its model from its own files.
 
-    <uri>/config.json        kind, model hyper-parameters, tokenizer, conditioning (prompt template...)
+Text models are Hugging Face checkpoint directories (`hf_format.py`); `load_artifact` opens either
+kind and gives the engines one `Artifact` record. Image generators (cgan, cvae) are stored as:
+
+    <uri>/config.json        kind, model hyper-parameters, conditioning (labels...)
     <uri>/model.safetensors  weights (tied weights stored once)
     <uri>/metadata.json      name, version, run, step, metrics, sha256 of the weights, content digest
 
@@ -26,16 +29,18 @@ from torch import nn
 
 from aigc_dist.models.cgan import CGANConfig, Generator
 from aigc_dist.models.cvae import CVAE, CVAEConfig
-from aigc_dist.models.lm import LMConfig, TransformerLM
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.hf_format import METADATA_FORMAT, CheckpointError, TextCheckpoint, load_checkpoint
+from aigc_dist.models.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE = "config.json", "model.safetensors", "metadata.json"
 
-# kind -> (config class, model class). For the cGAN only the generator is an artifact: it is all
-# that inference needs; the discriminator lives in training checkpoints.
+# Key of an LM artifact's metadata.json (and of Artifact.conditioning) that holds its prompt template.
+PROMPT_TEMPLATE_KEY = "prompt_template"
+
+# Image kind -> (config class, model class). For the cGAN only the generator is an artifact: it is
+# all that inference needs; the discriminator lives in training checkpoints.
 MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
-    "lm": (LMConfig, TransformerLM),
     "cgan": (CGANConfig, Generator),
     "cvae": (CVAEConfig, CVAE),
 }
@@ -60,7 +65,7 @@ class Artifact:
     kind: str
     model: nn.Module
     model_config: Any
-    tokenizer: ByteTokenizer | None
+    tokenizer: TextTokenizer | None
     conditioning: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -99,11 +104,12 @@ def save_artifact(
     model: nn.Module,
     store: ArtifactStore,
     *,
-    tokenizer: ByteTokenizer | None = None,
+    tokenizer: TextTokenizer | None = None,
     conditioning: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `model` as an artifact at `uri`; returns the metadata written (with its digests)."""
+    """Write an image generator as an artifact at `uri`; returns the metadata written (with its digests).
+    Text models are written by `hf_format.save_checkpoint`."""
     if kind not in MODEL_KINDS:
         raise ArtifactError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
     config_cls, model_cls = MODEL_KINDS[kind]
@@ -113,7 +119,7 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "model": model.config.to_dict(),
-        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "tokenizer": None,
         "conditioning": conditioning or {},
     }
     config_bytes = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False).encode()
@@ -132,10 +138,25 @@ def save_artifact(
     return meta
 
 
+def text_artifact(checkpoint: TextCheckpoint) -> Artifact:
+    """The engines' view of a loaded text checkpoint (its prompt template from metadata.json)."""
+    template = checkpoint.metadata.get(PROMPT_TEMPLATE_KEY)
+    conditioning = {PROMPT_TEMPLATE_KEY: template} if template is not None else {}
+    return Artifact("lm", checkpoint.model, checkpoint.config, checkpoint.tokenizer, conditioning, checkpoint.metadata)
+
+
 def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model from the directory alone and check it against its recorded digests."""
     try:
         meta = json.loads(store.read_bytes(_join(uri, METADATA_FILE)))
+    except FileNotFoundError:
+        raise ArtifactError(f"{uri} is not a complete artifact: {METADATA_FILE} is missing") from None
+    if meta.get("format") == METADATA_FORMAT:
+        try:
+            return text_artifact(load_checkpoint(uri, store, device))
+        except CheckpointError as exc:
+            raise ArtifactError(str(exc)) from None
+    try:
         config_bytes = store.read_bytes(_join(uri, CONFIG_FILE))
         weights = store.read_bytes(_join(uri, WEIGHTS_FILE))
     except FileNotFoundError as exc:
@@ -146,6 +167,9 @@ def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "
     if config.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{uri}: format_version {config.get('format_version')!r} is not {FORMAT_VERSION}")
     kind = config.get("kind")
+    if kind == "lm":
+        raise ArtifactError(f"{uri} is a text model in aigc-dist's earlier format; engines load Hugging Face "
+                            f"directories only: convert it once with `aigc-dist export --to-hf {uri}`")
     if kind not in MODEL_KINDS:
         raise ArtifactError(f"{uri}: unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
     config_cls, model_cls = MODEL_KINDS[kind]
@@ -155,5 +179,4 @@ def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "
     tied = set(model.state_dict()) - set(_unique_state(model))
     if unexpected or set(missing) - tied:
         raise ArtifactError(f"{uri}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    tokenizer = ByteTokenizer.from_dict(config["tokenizer"]) if config.get("tokenizer") else None
-    return Artifact(kind, model.to(device).eval(), model_config, tokenizer, config.get("conditioning", {}), meta)
+    return Artifact(kind, model.to(device).eval(), model_config, None, config.get("conditioning", {}), meta)

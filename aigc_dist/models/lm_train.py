@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from aigc_dist.models.lm import TransformerLM
+from aigc_dist.models.llama import LlamaLM
 
 Example = tuple[list[int], list[bool]]  # token ids, loss mask (True on target-copy tokens and <eos>)
 
@@ -37,7 +37,7 @@ def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tens
     return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask}
 
 
-def lm_loss(model: TransformerLM, batch: dict[str, Tensor]) -> Tensor:
+def lm_loss(model: LlamaLM, batch: dict[str, Tensor]) -> Tensor:
     """Mean cross-entropy over the target-copy tokens of a collated batch."""
     _, loss = model(batch["input_ids"], targets=batch["targets"], loss_mask=batch["loss_mask"])
     return loss
@@ -83,7 +83,7 @@ def length_grouped_batches(
 
 
 def train_lm(
-    model: TransformerLM,
+    model: LlamaLM,
     examples: Sequence[Example],
     *,
     steps: int,

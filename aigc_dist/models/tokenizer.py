@@ -1,100 +1,161 @@
-"""Byte-level tokenizer: UTF-8 bytes (ids 0..255) plus a fixed list of special tokens (ids 256..).
+"""Tokenizers of text models, in Hugging Face's `tokenizer.json` format (the `tokenizers` library).
 
-Bytes need no vocabulary file and no download, and cover every language and emoji; the price is
-longer sequences (a Chinese character is 3 tokens), which is fine for short recommendation copy.
+`TextTokenizer` wraps whatever a checkpoint ships (a byte-level BPE of 32k-150k tokens, a
+SentencePiece-style BPE with byte fallback, ...). `byte_level_tokenizer()` is the project's own:
+a byte-level BPE with no merges, so token id b is the byte b (0..255), plus the special tokens
+below at ids 256..263. It needs no training and no download, covers every language and emoji,
+and `transformers.AutoTokenizer` opens it unchanged.
+
+Text is always encoded with special tokens read as plain text: a user value that says "<eos>"
+cannot end a prompt early. Prompts put special tokens in by id (`data/prompts.py`).
 """
 
+from __future__ import annotations
+
+import json
 from collections.abc import Sequence
 from typing import Any
 
-# Order fixes the ids: SPECIAL_TOKENS[i] has id 256 + i. Append only; reordering breaks artifacts.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<pad>",
-    "<bos>",
-    "<eos>",
-    "<sep>",
-    "<user>",
-    "<item>",
-    "<field>",
-    "<value>",
-)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-_NUM_BYTES = 256
-_SPECIAL_IDS: dict[str, int] = {name: _NUM_BYTES + i for i, name in enumerate(SPECIAL_TOKENS)}
+# Order fixes the ids of the byte-level tokenizer: SPECIAL_TOKENS[i] has id 256 + i. Append only.
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<sep>", "<user>", "<item>", "<field>", "<value>")
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 
 
-class ByteTokenizer:
-    """UTF-8 bytes (ids 0..255) plus special tokens (ids 256.. in SPECIAL_TOKENS order)."""
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used; the message names the file and the field."""
 
-    kind = "byte"
-    pad_id: int = _SPECIAL_IDS["<pad>"]  # 256, fills the left of shorter prompts in a batch
-    bos_id: int = _SPECIAL_IDS["<bos>"]  # 257, starts every prompt
-    eos_id: int = _SPECIAL_IDS["<eos>"]  # 258, ends a generated copy
-    sep_id: int = _SPECIAL_IDS["<sep>"]  # 259, separates the prompt from the target copy
-    user_id: int = _SPECIAL_IDS["<user>"]  # 260, marks the start of user features in a prompt
-    item_id: int = _SPECIAL_IDS["<item>"]  # 261, marks the start of item features
-    field_id: int = _SPECIAL_IDS["<field>"]  # 262, precedes a field name
-    value_id: int = _SPECIAL_IDS["<value>"]  # 263, precedes a field value
-    vocab_size: int = _NUM_BYTES + len(SPECIAL_TOKENS)  # 264
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which the ByteLevel pre-tokenizer applies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict[str, Any] | None = None, source: str = "tokenizer") -> None:
+        self._tok = tokenizer
+        self._tok.encode_special_tokens = True  # text never turns into control tokens
+        self.config = dict(config or {})
+        self.source = source
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # The project's byte-level tokenizer maps byte b to id b: Python's own UTF-8 encoder then gives
+        # the same ids several times faster than a call into tokenizers per prompt field.
+        probe = "a <eos> é 厨 🍳 \x00\n"
+        self._bytes_are_ids = (tokenizer.get_vocab_size(with_added_tokens=False) == 256
+                               and tokenizer.encode(probe, add_special_tokens=False).ids == list(probe.encode()))
 
     def encode(self, text: str) -> list[int]:
-        """Return the UTF-8 bytes of `text` as ids; never emits special ids.
+        """Token ids of `text`, without the BOS/EOS a post-processor might add.
 
-        Text that cannot be UTF-8 encoded (lone surrogates) raises UnicodeEncodeError, a ValueError,
-        so that bad input is quarantined rather than silently altered.
+        Text that cannot be UTF-8 encoded (a lone surrogate) raises UnicodeEncodeError, a ValueError,
+        so bad input is quarantined rather than silently altered.
         """
-        return list(text.encode("utf-8"))
+        data = text.encode("utf-8")
+        return list(data) if self._bytes_are_ids else self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many texts in one call (the Rust side runs them together)."""
+        data = [text.encode("utf-8") for text in texts]
+        if self._bytes_are_ids:
+            return [list(d) for d in data]
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Turn ids back into text, dropping special ids (EOS does not stop decoding).
+        """Text of `ids`, special tokens dropped. A model can emit half a UTF-8 character: that
+        becomes U+FFFD. Ids outside 0..vocab_size-1 raise ValueError (a model/tokenizer mismatch)."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the tokenizer's range 0..{self.vocab_size - 1}")
+        return self._tok.decode(list(ids), skip_special_tokens=True)
 
-        Byte runs that are not valid UTF-8 (a model can emit half a character) become U+FFFD instead of
-        raising. Ids outside 0..vocab_size-1 raise ValueError: they mean a model/tokenizer mismatch.
-        """
-        out = bytearray()
-        for i in ids:
-            if 0 <= i < _NUM_BYTES:
-                out.append(i)
-            elif not _NUM_BYTES <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the byte tokenizer's range 0..{self.vocab_size - 1}"
-                )
-        return out.decode("utf-8", errors="replace")
+    def token_id(self, token: str) -> int | None:
+        """Id of a token (special or not) by its text, or None when the vocabulary lacks it."""
+        return self._tok.token_to_id(token)
 
-    def special_id(self, name: str) -> int:
-        """Id of a special token by name, e.g. special_id("<eos>") == 258."""
-        try:
-            return _SPECIAL_IDS[name]
-        except KeyError:
-            raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}") from None
+    def special_id(self, token: str) -> int:
+        """Id of a special token; TokenizerError naming the file when the tokenizer has none."""
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{self.source}: {TOKENIZER_FILE} has no token {token!r}")
+        return token_id
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data description stored in an artifact's config.json."""
-        return {"kind": self.kind, "special_tokens": list(SPECIAL_TOKENS)}
+    def _configured_id(self, key: str) -> int | None:
+        value = self.config.get(key)
+        if isinstance(value, dict):  # an AddedToken written out: {"content": "<s>", ...}
+            value = value.get("content")
+        return self._tok.token_to_id(value) if isinstance(value, str) else None
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._configured_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._configured_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._configured_id("pad_token")
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        return template if isinstance(template, str) else None
+
+    def files(self) -> dict[str, bytes]:
+        """tokenizer.json and tokenizer_config.json, as a checkpoint directory holds them."""
+        return {
+            TOKENIZER_FILE: self._tok.to_str(pretty=False).encode("utf-8"),
+            TOKENIZER_CONFIG_FILE: json.dumps(self.config, indent=2, ensure_ascii=False).encode("utf-8"),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ByteTokenizer":
-        """Rebuild from `to_dict()` output; ValueError naming the bad key or value otherwise."""
-        if not isinstance(d, dict):
-            raise ValueError(f"tokenizer config must be a dict (got {type(d).__name__})")
-        unknown = sorted(set(d) - {"kind", "special_tokens"})
-        if unknown:
-            raise ValueError(f"tokenizer config has unknown keys: {', '.join(map(str, unknown))}")
-        if d.get("kind") != cls.kind:
-            raise ValueError(f"tokenizer config 'kind' must be {cls.kind!r} (got {d.get('kind')!r})")
-        # The ids are fixed by SPECIAL_TOKENS; an artifact trained with another list would decode wrongly.
-        specials = d.get("special_tokens")
-        if not isinstance(specials, list | tuple) or list(specials) != list(SPECIAL_TOKENS):
-            raise ValueError(
-                f"tokenizer config 'special_tokens' must be {list(SPECIAL_TOKENS)} (got {specials!r})"
-            )
-        return cls()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ByteTokenizer)
-
-    def __hash__(self) -> int:
-        return hash(self.kind)
+    def from_files(cls, tokenizer_json: bytes, tokenizer_config: bytes | None, source: str) -> TextTokenizer:
+        """Rebuild from a checkpoint's files; TokenizerError naming the file when one is unreadable."""
+        try:
+            tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises its own Exception subclass on a malformed file
+            raise TokenizerError(f"{source}/{TOKENIZER_FILE} is not a tokenizers file: {exc}") from None
+        config: dict[str, Any] = {}
+        if tokenizer_config is not None:
+            try:
+                config = json.loads(tokenizer_config)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise TokenizerError(f"{source}/{TOKENIZER_CONFIG_FILE} is not JSON: {exc}") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{source}/{TOKENIZER_CONFIG_FILE} must hold a JSON object")
+        return cls(tokenizer, config, source)
 
     def __repr__(self) -> str:
-        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+        return f"TextTokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+
+def byte_level_tokenizer(max_length: int = 256) -> TextTokenizer:
+    """The project's tokenizer: id b = byte b (0..255), then SPECIAL_TOKENS at 256..263."""
+    chars = _bytes_to_unicode()
+    tokenizer = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    # use_regex=False: with no merges, splitting into words first would only cost time.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
+    }
+    return TextTokenizer(tokenizer, config, "aigc-dist byte-level tokenizer")

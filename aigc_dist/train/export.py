@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from aigc_dist.models.artifact import MODEL_KINDS, save_artifact
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.hf_format import load_checkpoint, save_checkpoint
+from aigc_dist.models.llama import LlamaLM, LMConfig
+from aigc_dist.models.tokenizer import TextTokenizer, byte_level_tokenizer
 from aigc_dist.storage import Storage, join_uri
 from aigc_dist.train.checkpoints import (
     DEEPSPEED_TAG,
@@ -76,16 +78,27 @@ def save_trained_artifact(
     """Rebuild the model from `spec` (kind, model hyper-parameters, tokenizer, conditioning), load
     `state_dict` into it strictly, and write the artifact; returns the metadata written."""
     kind = spec["kind"]
+    if kind == "lm":
+        model = LlamaLM(LMConfig.from_dict(spec["model"]))
+        model.load_state_dict(state_dict, strict=True)
+        meta = save_checkpoint(uri, model.eval(), spec_tokenizer(spec, storage), storage,
+                               metadata={**metadata, **(spec.get("conditioning") or {})})
+        log.info("exported lm checkpoint %s (digest %s)", uri, meta["digest"][:12])
+        return meta
     config_cls, model_cls = MODEL_KINDS[kind]
     model = model_cls(config_cls.from_dict(spec["model"]))
     model.load_state_dict(state_dict, strict=True)
-    tokenizer = ByteTokenizer.from_dict(spec["tokenizer"]) if spec.get("tokenizer") else None
-    meta = save_artifact(
-        uri, kind, model.eval(), storage, tokenizer=tokenizer, conditioning=spec.get("conditioning") or {},
-        metadata=metadata,
-    )
+    meta = save_artifact(uri, kind, model.eval(), storage, conditioning=spec.get("conditioning") or {},
+                         metadata=metadata)
     log.info("exported %s artifact %s (digest %s)", kind, uri, meta["digest"][:12])
     return meta
+
+
+def spec_tokenizer(spec: dict[str, Any], storage: Storage) -> TextTokenizer:
+    """The tokenizer a run trained with: the project's byte-level one, or its source checkpoint's."""
+    source = spec.get("tokenizer")
+    return byte_level_tokenizer(spec["model"]["max_position_embeddings"]) if source is None else \
+        load_checkpoint(source, storage, require_metadata=False).tokenizer
 
 
 def consolidated_state_dict(engine_dir: str, zero_stage: int) -> dict[str, torch.Tensor]:

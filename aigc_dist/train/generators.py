@@ -22,9 +22,9 @@ from aigc_dist.config import ConfigError, DataConfig, ModelConfig, StorageConfig
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.cgan import CGANConfig, Discriminator, Generator
 from aigc_dist.models.cvae import CVAE, CVAEConfig, elbo_loss
-from aigc_dist.models.lm import LM_PRESETS, TransformerLM, lm_config_from_preset
+from aigc_dist.models.llama import LM_PRESETS, LlamaLM, lm_config_from_preset
 from aigc_dist.models.lm_train import collate_examples, lm_loss
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.train.datasets import image_dataset, lm_dataset, prompt_template
 
 # Image generator sizes by preset, as plain data (the LM's are `LM_PRESETS`).
@@ -93,7 +93,10 @@ def image_batch_tensors(
 
 
 class LMRecipe:
-    """The conditional Transformer: prompt (user + item features) -> copy; loss on the copy only."""
+    """The Llama-family LM: prompt (user + item features) -> copy; loss on the copy only.
+
+    From a preset with the project's byte-level tokenizer (trained from scratch); `model.source`
+    starts from a Hugging Face checkpoint and its own tokenizer instead."""
 
     kind = "lm"
     engine_names = ("model",)
@@ -104,20 +107,24 @@ class LMRecipe:
         if model.preset not in LM_PRESETS:
             choices = ", ".join(LM_PRESETS)
             raise ConfigError(f"model.preset: unknown lm preset {model.preset!r}; choose one of {choices}")
-        overrides = {"max_seq_len": model.max_seq_len} if model.max_seq_len is not None else {}
-        self.config = lm_config_from_preset(model.preset, **overrides)
-        self.template = prompt_template(data)
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = byte_level_tokenizer()
+        overrides = {"max_position_embeddings": model.max_seq_len} if model.max_seq_len is not None else {}
+        ids = {"bos_token_id": self.tokenizer.bos_id, "eos_token_id": [self.tokenizer.eos_id],
+               "pad_token_id": self.tokenizer.pad_id}  # fmt: skip
+        self.config = lm_config_from_preset(model.preset, **ids, **overrides)
+        self.template = prompt_template(data, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": TransformerLM(self.config)}
+        return {"model": LlamaLM(self.config)}
 
     def dataset(self, train: TrainConfig, data: DataConfig, storage: StorageConfig) -> Any:
-        return lm_dataset(_dataset_uri(train), data, self.config.max_seq_len, storage)
+        return lm_dataset(_dataset_uri(train), data, self.config.max_position_embeddings, storage, self.tokenizer,
+                          self.template)
 
     def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
         engine = engines["model"]
-        tensors = {k: v.to(device) for k, v in lm_batch_tensors(batch, self.tokenizer.pad_id).items()}
+        tensors = {k: v.to(device) for k, v in lm_batch_tensors(batch, self.pad_id).items()}
         loss = lm_loss(engine, tensors)
         engine.backward(loss)
         engine.step()
@@ -128,7 +135,7 @@ class LMRecipe:
         return {
             "kind": self.kind,
             "model": self.config.to_dict(),
-            "tokenizer": self.tokenizer.to_dict(),
+            "tokenizer": None,  # None: the project's byte-level tokenizer; else the checkpoint URI it came from
             "conditioning": prompt_conditioning(self.template),
         }
 

@@ -1,41 +1,28 @@
-"""Decoding for TransformerLM: sampling, static batches and continuous batching.
+"""Decoding for Llama-family models: sampling, per-request seeds, KV cache, continuous batching.
 
-Two loops share one sampler (`sample_tokens`) and one way of drawing random numbers (`row_uniforms`):
-
-- `generate`: one batch of prompts with one set of sampling parameters, left-padded into a shared
-  `KVCache`, prefilled in one pass, decoded until every row has stopped. The model-level API, and with
-  use_cache=False the full-recompute reference the tests hold every fast path to.
-- `decode_stream`: iteration-level scheduling (continuous batching) over a stream of `DecodeRequest`s.
-  A fixed number of slots each hold one sequence in a `SlotCache`, with its own length and its own
-  sampling parameters. When a sequence ends, its slot takes the next waiting request at once (all
-  newcomers of a step are prefilled together), so a few long outputs do not leave the batch half
-  empty. refill=False is static batching on the same machinery (a batch runs until its longest row
-  ends, as `generate` and Hugging Face's `generate()` do): the baseline it is measured against.
+`decode_stream` does iteration-level scheduling (continuous batching) over a stream of
+`DecodeRequest`s. A fixed number of slots each hold one sequence in a `SlotCache`, with its own
+length and its own sampling parameters. When a sequence ends, its slot takes the next waiting
+request at once (all newcomers of a step are prefilled together), so a few long outputs do not
+leave the batch half empty. refill=False is static batching on the same machinery (a batch runs
+until its longest row ends, as Hugging Face's `generate()` does): the baseline it is measured against.
 
 Row i draws its random numbers from its own torch.Generator seeded with its request's seed, all up
-front, so a request gives the same output for the same seed whatever its batch-mates and whenever it is
-scheduled, up to float rounding of its logits across batch shapes.
+front, so a request gives the same output for the same seed whatever its batch-mates and whenever it
+is scheduled, up to float rounding of its logits across batch shapes. The one reference every fast
+path is held to is a full recompute of the sequence per token, in tests/engine/reference.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aigc_dist.models.lm import (
-    KVCache,
-    LMConfig,
-    TransformerLM,
-    _attention_mask,
-    _is_int,
-    left_pad,
-    rope_table,
-)
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.llama import LlamaLM, LMConfig, _is_int, attention_mask_4d, rope_table
 
 
 def row_uniforms(seeds: list[int] | None, n_rows: int, n_steps: int) -> Tensor:
@@ -104,7 +91,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 def check_prompt(config: LMConfig, name: str, prompt: list[int], max_new_tokens: int) -> None:
     """ValueError when a prompt is empty, has ids outside the vocabulary, or does not fit the context."""
-    vocab, limit = config.vocab_size, config.max_seq_len
+    vocab, limit = config.vocab_size, config.max_position_embeddings
     if not prompt:
         raise ValueError(f"{name} is empty; every prompt needs at least one token (e.g. <bos>)")
     if min(prompt) < 0 or max(prompt) >= vocab:
@@ -112,78 +99,13 @@ def check_prompt(config: LMConfig, name: str, prompt: list[int], max_new_tokens:
     if len(prompt) + max_new_tokens > limit:
         raise ValueError(
             f"{name} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-            f"LMConfig.max_seq_len={limit}"
+            f"the model's context of {limit} tokens (max_position_embeddings)"
         )
 
 
 def _check_seed(name: str, seed: int) -> None:
     if not _is_int(seed) or not 0 <= seed < 2**64:
         raise ValueError(f"{name} must be an int in [0, 2**64) (got {seed!r})")
-
-
-@torch.inference_mode()
-def generate(
-    model: TransformerLM,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy: bool = False,
-    eos_id: int | None = None,
-    seeds: list[int] | None = None,
-    pad_id: int = ByteTokenizer.pad_id,
-    use_cache: bool = True,
-) -> list[list[int]]:
-    """`TransformerLM.generate`: static batch, left-padded, one prefill, decode from a KV cache."""
-    greedy = greedy or temperature == 0
-    check_sampling(max_new_tokens, temperature, top_k, top_p, greedy)
-    if not 0 <= pad_id < model.config.vocab_size:
-        raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary 0..{model.config.vocab_size - 1}")
-    if seeds is not None and len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
-    for i, seed in enumerate(seeds or []):
-        _check_seed(f"seeds[{i}]", seed)
-    for i, prompt in enumerate(prompts):
-        check_prompt(model.config, f"prompt {i}", prompt, max_new_tokens)
-    if not prompts or max_new_tokens == 0:
-        return [[] for _ in prompts]
-    device = model.wte.weight.device
-    idx, mask = left_pad(prompts, pad_id, device)  # [B, P]
-    B, P = idx.shape
-    uniforms = None if greedy else row_uniforms(seeds, B, max_new_tokens).to(device)  # [B, N]
-    new = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, N]
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens before EOS
-    was_training = model.training
-    model.eval()  # dropout would make seeded generation irreproducible
-    try:
-        if use_cache:
-            weight = model.wte.weight
-            cache = KVCache(model.config, B, P + max_new_tokens, weight.device, weight.dtype)
-            logits = model.prefill(idx, mask, cache)  # [B, vocab]
-        else:
-            logits = model(idx, attention_mask=mask)[0][:, -1]
-        for t in range(max_new_tokens):
-            if uniforms is None:
-                token = logits.argmax(dim=-1)  # [B]
-            else:
-                token = sample_tokens(logits, uniforms[:, t], temperature, top_k, top_p)  # [B]
-            new[:, t] = token
-            if eos_id is not None:
-                lengths = torch.where((token == eos_id) & (lengths == max_new_tokens), t, lengths)
-                # One host sync per step, paid only when an EOS can end rows early.
-                if bool((lengths < max_new_tokens).all()):
-                    break
-            if t + 1 == max_new_tokens:
-                break
-            if use_cache:
-                logits = model.decode_step(token, cache)
-            else:
-                seq = torch.cat([idx, new[:, : t + 1]], dim=1)  # [B, P + t + 1]
-                logits = model(seq, attention_mask=F.pad(mask, (0, t + 1), value=True))[0][:, -1]
-    finally:
-        model.train(was_training)
-    return [row[:end] for row, end in zip(new.tolist(), lengths.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -213,10 +135,10 @@ class SlotCache:
     """
 
     def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (slots, config.n_head, max_len, config.head_dim)
+        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
         self.config, self.max_len = config, max_len
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
         self.rope = rope_table(config, max_len, device)
         self._slots: Tensor | None = None  # prefill: the slots written (index_copy along dim 0)
@@ -230,7 +152,7 @@ class SlotCache:
         a few times only)."""
         if max_len <= self.max_len:
             return
-        max_len = min(self.config.max_seq_len, max(max_len, 2 * self.max_len))
+        max_len = min(self.config.max_position_embeddings, max(max_len, 2 * self.max_len))
         for cache in (self.k, self.v):
             for layer, old in enumerate(cache):
                 cache[layer] = F.pad(old, (0, 0, 0, max_len - self.max_len))
@@ -251,7 +173,7 @@ class SlotCache:
         self._slots = slots
 
     def _row_starts(self) -> Tensor:
-        B, H = self.lens.size(0), self.config.n_head
+        B, H = self.lens.size(0), self.config.num_key_value_heads
         return torch.arange(B * H, device=self.lens.device).view(B, H) * self.max_len
 
     def decode_at(self, span: int) -> None:
@@ -313,10 +235,10 @@ class _Slots:
 
 @torch.inference_mode()
 def decode_stream(
-    model: TransformerLM,
+    model: LlamaLM,
     requests: Iterable[DecodeRequest],
     slots: int,
-    eos_id: int | None = None,
+    eos_ids: Sequence[int] = (),
     refill: bool = True,
     max_len: int | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
@@ -333,11 +255,13 @@ def decode_stream(
     """
     if not _is_int(slots) or slots < 1:
         raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
-    config, weight = model.config, model.wte.weight
+    config, weight = model.config, model.embed_tokens.weight
     device, vocab = weight.device, config.vocab_size
+    context = config.max_position_embeddings
+    stop = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)  # [E] ids that end a request
     pending = enumerate(requests)
     state = _Slots(slots, vocab, device)
-    cache = SlotCache(config, slots, min(max_len or config.max_seq_len, config.max_seq_len), device, weight.dtype)
+    cache = SlotCache(config, slots, min(max_len or context, context), device, weight.dtype)
     exhausted, step, changed = False, 0, True
     was_training = model.training
     model.eval()  # dropout would make seeded generation irreproducible
@@ -375,13 +299,13 @@ def decode_stream(
             state.out.scatter_(1, state.steps.clamp(max=state.out.size(1) - 1)[:, None], token[:, None])
             state.steps += state.active.long()
             ended = state.active & (state.steps >= state.limit)
-            if eos_id is not None:
-                ended |= state.active & (token == eos_id)
+            if len(stop):
+                ended |= state.active & torch.isin(token, stop)
             state.active &= ~ended
             step += 1
             for s in ended.nonzero().flatten().tolist():  # the one host sync of a step
                 n = int(state.steps[s])
-                n -= int(eos_id is not None and int(state.out[s, n - 1]) == eos_id)
+                n -= int(int(state.out[s, n - 1]) in eos_ids)
                 index, state.request[s], changed = state.request[s], None, True
                 yield index, state.out[s, :n].tolist()
             if changed and not any(r is not None for r in state.request):
@@ -397,7 +321,7 @@ def decode_stream(
 
 
 def _admit(
-    model: TransformerLM,
+    model: LlamaLM,
     pending: Iterator[tuple[int, DecodeRequest]],
     free: list[int],
     state: _Slots,
@@ -421,7 +345,7 @@ def _admit(
     if not taken:
         return empty, exhausted
     device = cache.lens.device
-    cache.grow(min(model.config.max_seq_len, max(len(r.prompt) + r.max_new_tokens for _, _, r in taken)))
+    cache.grow(min(model.config.max_position_embeddings, max(len(r.prompt) + r.max_new_tokens for _, _, r in taken)))
     state.widen(max(r.max_new_tokens for _, _, r in taken))
     slots = torch.tensor([s for s, _, _ in taken], device=device)
     prompts = [r.prompt for _, _, r in taken]
@@ -430,7 +354,7 @@ def _admit(
     idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)  # right-padded [n, P]
     mask = None
     if bool((lengths < width).any()):
-        mask = _attention_mask(torch.arange(width, device=device) < lengths[:, None], width)  # [n, 1, P, P]
+        mask = attention_mask_4d(torch.arange(width, device=device) < lengths[:, None], width)  # [n, 1, P, P]
     cache.prefill_into(slots)
     positions = torch.arange(width, device=device).expand(len(prompts), width)
     x = model.hidden(idx, positions, mask, cache)  # [n, P, C]
