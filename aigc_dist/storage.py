@@ -9,9 +9,14 @@ the filesystem/client objects: `repr(Storage)` and log lines never show them.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,8 +35,39 @@ class StorageError(OSError):
     """A location that cannot be parsed or an object that cannot be read or written."""
 
 
-class AlreadyExistsError(StorageError):
+class ConditionFailedError(StorageError):
+    """A conditional write found the object other than the condition asked (there, absent, or changed)."""
+
+
+class AlreadyExistsError(ConditionFailedError):
     """`write_bytes(..., if_absent=True)` found the object already there."""
+
+
+# S3 answers 409 ConditionalRequestConflict when another conditional write of the same key is in
+# flight; AWS says to retry it. It is not an answer to the condition, so it must not read as one.
+_CONFLICT_CODES = ("ConditionalRequestConflict", "409")
+_PRECONDITION_CODES = ("PreconditionFailed", "412")
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def content_token(data: bytes) -> str:
+    """The version token of a local object: what `if_match` compares (S3 uses its ETag)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on a directory: makes a local compare-and-swap atomic between processes.
+
+    The directory itself is locked, not a side file, so nothing is left behind to clean up (and a
+    side file deleted while locked would let two processes hold "the" lock on different inodes).
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 @dataclass(frozen=True)
@@ -160,41 +196,66 @@ class Storage:
         return pafs.LocalFileSystem(), loc.path
 
     # -- objects ----------------------------------------------------------------------------
+    def _s3_read(self, loc: Location, call: Any) -> Any:
+        """`call()` against S3 with its errors as ours: `FileNotFoundError` for an absent key."""
+        try:
+            return call()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(loc.uri) from None
+            raise StorageError(f"reading {loc.uri}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:  # unreachable endpoint, bad credentials
+            raise StorageError(f"reading {loc.uri}: {exc}") from exc
+
     def read_bytes(self, uri: str) -> bytes:
         """The whole object; `FileNotFoundError` when it is absent."""
         loc = parse_uri(uri)
         if loc.scheme == "s3":
-            try:
-                return self.s3_client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-            except botocore.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    raise FileNotFoundError(loc.uri) from None
-                raise StorageError(f"reading {loc.uri}: {exc}") from exc
-            except botocore.exceptions.BotoCoreError as exc:  # unreachable endpoint, bad credentials
-                raise StorageError(f"reading {loc.uri}: {exc}") from exc
+            return self.read_versioned(uri)[0]
         return Path(loc.path).read_bytes()
 
-    def write_bytes(self, uri: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Write an object so that readers see either nothing or all of it.
+    def read_versioned(self, uri: str) -> tuple[bytes, str]:
+        """The whole object and its version token (the S3 ETag; a content hash locally), for `if_match`."""
+        loc = parse_uri(uri)
+        if loc.scheme == "s3":
+            def get() -> tuple[bytes, str]:
+                response = self.s3_client.get_object(Bucket=loc.bucket, Key=loc.key)
+                return response["Body"].read(), response["ETag"]
+
+            return self._s3_read(loc, get)
+        data = Path(loc.path).read_bytes()
+        return data, content_token(data)
+
+    def content_identity(self, uri: str) -> str:
+        """What identifies an object's content, not just its size: the S3 ETag (and VersionId on a
+        versioned bucket), or the sha256 of a local file, read in 1 MiB pieces so any size fits in memory."""
+        loc = parse_uri(uri)
+        if loc.scheme == "s3":
+            head = self._s3_read(loc, lambda: self.s3_client.head_object(Bucket=loc.bucket, Key=loc.key))
+            version = head.get("VersionId")
+            return f"etag:{head['ETag'].strip(chr(34))}" + (f" version:{version}" if version else "")
+        digest = hashlib.sha256()
+        with open(loc.path, "rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+
+    def write_bytes(self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write an object so that readers see either nothing or all of it; returns its version token.
 
         S3 PUTs are atomic by nature; locally the bytes go to a temporary file in the same
         directory, are fsynced, then renamed into place. With `if_absent=True` the write fails
         with `AlreadyExistsError` when the object exists (S3 `If-None-Match: *`, a hard link
-        locally), which makes it usable as a lock or a commit marker.
+        locally), which makes it usable as a lock or a commit marker. With `if_match=TOKEN` (from
+        `read_versioned` or an earlier write) it fails with `ConditionFailedError` unless the object
+        is still that version (S3 `If-Match`; locally a compare and rename under a flock of the
+        directory): of several writers holding one token, exactly one wins.
         """
+        if if_absent and if_match is not None:
+            raise ValueError("if_absent and if_match exclude each other")
         loc = parse_uri(uri)
         if loc.scheme == "s3":
-            extra = {"IfNoneMatch": "*"} if if_absent else {}
-            try:
-                self.s3_client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
-            except botocore.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                    raise AlreadyExistsError(f"{loc.uri} already exists") from None
-                raise StorageError(f"writing {loc.uri}: {exc}") from exc
-            except botocore.exceptions.BotoCoreError as exc:
-                raise StorageError(f"writing {loc.uri}: {exc}") from exc
-            return
+            return self._put_s3(loc, data, if_absent, if_match)
         target = Path(loc.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -208,18 +269,48 @@ class Storage:
                     os.link(tmp, target)  # fails atomically if target exists, unlike rename
                 except FileExistsError:
                     raise AlreadyExistsError(f"{loc.uri} already exists") from None
+            elif if_match is not None:
+                with _directory_lock(target.parent):
+                    try:
+                        current = content_token(target.read_bytes())
+                    except FileNotFoundError:
+                        raise ConditionFailedError(f"{loc.uri} is gone (expected version {if_match})") from None
+                    if current != if_match:
+                        raise ConditionFailedError(f"{loc.uri} changed (expected version {if_match})")
+                    os.replace(tmp, target)
             else:
                 os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        return content_token(data)
+
+    def _put_s3(self, loc: Location, data: bytes, if_absent: bool, if_match: str | None) -> str:
+        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match is not None else {}
+        for attempt in range(self.config.retries + 1):
+            try:
+                return self.s3_client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)["ETag"]
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in _CONFLICT_CODES and attempt < self.config.retries:
+                    time.sleep(min(0.05 * 2**attempt, 2.0))  # the other write settles within milliseconds
+                    continue
+                if code in _PRECONDITION_CODES:
+                    raise (AlreadyExistsError(f"{loc.uri} already exists") if if_absent else
+                           ConditionFailedError(f"{loc.uri} changed (expected version {if_match})")) from None
+                if if_match is not None and code in ("NoSuchKey", "404"):
+                    raise ConditionFailedError(f"{loc.uri} is gone (expected version {if_match})") from None
+                raise StorageError(f"writing {loc.uri}: {exc}") from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise StorageError(f"writing {loc.uri}: {exc}") from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def read_json(self, uri: str) -> Any:
         return json.loads(self.read_bytes(uri))
 
-    def write_json(self, uri: str, value: Any, *, if_absent: bool = False) -> None:
+    def write_json(self, uri: str, value: Any, *, if_absent: bool = False, if_match: str | None = None) -> str:
         data = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-        self.write_bytes(uri, data, if_absent=if_absent)
+        return self.write_bytes(uri, data, if_absent=if_absent, if_match=if_match)
 
     def exists(self, uri: str) -> bool:
         """True when an object (or, locally, a file or directory) is at `uri`."""

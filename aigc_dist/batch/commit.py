@@ -10,6 +10,8 @@ names the files and their row counts. Whatever happens around it:
   marker write wins, the loser deletes its own files and reports the winner's marker.
 
 Files are written whole or not at all (`Storage.write_bytes`), so a marker never names a partial file.
+A driver whose run lock was taken over is fenced (lock.py): its attempts write no marker and delete
+nothing, not even their own files (the sweep of the driver that holds the run removes them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aigc_dist.batch.layout import RunLayout, read_commits
+from aigc_dist.batch.layout import RunLayout
+from aigc_dist.batch.lock import Fence
 from aigc_dist.storage import AlreadyExistsError, Storage
 
 log = logging.getLogger(__name__)
@@ -40,10 +43,11 @@ def utc_now() -> str:
 
 
 def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[str, pa.Table],
-                 stats: dict[str, Any]) -> dict[str, Any]:
+                 stats: dict[str, Any], fence: Fence) -> dict[str, Any]:
     """Write `outputs` ({"data": table, "errors": table}) as the shard's files and commit them.
 
     Returns the shard's commit marker: ours, or the one that won if another attempt committed first.
+    FencedError (nothing committed, nothing deleted) when `fence` is no longer the run's lock holder.
     """
     attempt = uuid.uuid4().hex[:12]
     files = []
@@ -55,6 +59,7 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
         storage.write_bytes(layout.uri(relative), body)
         files.append({"path": relative, "kind": kind, "rows": table.num_rows, "bytes": len(body)})
     marker = {"shard": shard, "attempt": attempt, "committed_at": utc_now(), "files": files, **stats}
+    fence.check(storage)
     try:
         storage.write_json(layout.commit_marker(shard), marker, if_absent=True)
         return marker
@@ -63,23 +68,27 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
     # A retried PUT whose first try did land (the connection dropped after the write) finds our own
     # marker: that is our commit, and its files must stay.
     if winner["attempt"] != attempt:
+        fence.check(storage)
         log.warning("shard %d was committed by attempt %s; discarding attempt %s", shard, winner["attempt"], attempt)
         for entry in files:
             storage.delete(layout.uri(entry["path"]))
     return winner
 
 
-def sweep_uncommitted(layout: RunLayout, storage: Storage) -> list[str]:
-    """Delete the data/ and errors/ files no commit marker names; returns what was deleted.
+def sweep_uncommitted(layout: RunLayout, storage: Storage, committed: dict[int, dict[str, Any]],
+                      fence: Fence) -> list[str]:
+    """Delete the data/ and errors/ files that no marker of `committed` names; returns what was deleted.
 
-    Run only when every shard is committed: files are listed before markers, so a file whose attempt
-    commits in between is still kept, and once all shards are committed no attempt can commit again.
+    `committed` is the marker set the caller checked complete (every shard) and builds the manifest
+    from: listing the markers again could miss one, and its files, listed in the manifest, would go.
+    Run only when every shard is committed: then no attempt can commit again, so a file no marker
+    names now never will be named. The lock is checked before every delete.
     """
     listed = storage.list(layout.uri("data")) + storage.list(layout.uri("errors"))
-    kept = {layout.uri(entry["path"]) for marker in read_commits(layout, storage).values()
-            for entry in marker["files"]}
+    kept = {layout.uri(entry["path"]) for marker in committed.values() for entry in marker["files"]}
     orphans = [uri for uri in listed if uri not in kept]
     for uri in orphans:
+        fence.check(storage)
         storage.delete(uri)
     if orphans:
         log.info("deleted %d files of attempts that never committed", len(orphans))

@@ -6,7 +6,9 @@
     _manifest.json                       written last, when every shard is committed
     _run.json, _plan.json                what the run was started with; how its input was sharded
     _lock, _progress.json                the driver holding the run, and its latest progress line
-    _work/                               the input partitioned by shard (deleted when the run completes)
+    _work/PASS/                          the input partitioned by shard, and the users and items the run
+                                         reads (deleted when the run completes); PASS names the partition
+                                         pass `_plan.json` adopted, so a pass of a fenced driver is never read
 
 Readers trust only the files `_manifest.json` lists (`read_output` does exactly that); files of an
 attempt that never committed may exist while a run is in progress or after a crash.
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 
 from aigc_dist.storage import Storage, join_uri
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: errors/ has `table`; counts.profiles; inputs carry content identities
 _MODEL_COLUMNS = [("model_name", pa.string()), ("model_version", pa.string()), ("model_digest", pa.string()),
                   ("seed", pa.int64())]
 _KEYS = [("request_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string())]
@@ -39,9 +41,11 @@ IMAGE_SCHEMA = pa.schema([
     *_KEYS, ("image", pa.binary()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
     ("num_bytes", pa.int32()), *_MODEL_COLUMNS, _CREATED,
 ])
+# `table`: which input the row came from: the requests side ("candidates" or "requests"), or a bad
+# row of the users or items table (those count under counts.profiles, not in counts.total).
 ERRORS_SCHEMA = pa.schema([
     *_KEYS, ("stage", pa.string()), ("error", pa.string()), ("raw", pa.large_string()), ("content", pa.string()),
-    _CREATED,
+    ("table", pa.string()), _CREATED,
 ])
 # Where a row can fail, in pipeline order; "filter" rows count as filtered, the others as quarantined.
 STAGES = ("read", "validate", "join", "prompt", "generate", "filter")
@@ -84,9 +88,13 @@ class RunLayout:
     def work(self) -> str:
         return self.uri("_work")
 
-    def work_dir(self, part: str, shard: int) -> str:
-        """Ray Data writes `_work/part=<requests|users>/shard=<k>/...` (hive partitioning)."""
-        return self.uri(f"_work/part={part}/shard={shard}")
+    def work_pass(self, work: str) -> str:
+        """The directory of one partition pass."""
+        return self.uri(f"_work/{work}")
+
+    def work_dir(self, work: str, part: str, shard: int) -> str:
+        """Ray Data writes `_work/PASS/part=<requests|users|items>/shard=<k>/...` (hive partitioning)."""
+        return self.uri(f"_work/{work}/part={part}/shard={shard}")
 
     def commit_marker(self, shard: int) -> str:
         return self.uri(f"_commits/shard-{shard:05d}.json")

@@ -1,17 +1,21 @@
 """The backfill driver: one run of `aigc-dist backfill`, resumable and exactly once.
 
-    1. lock the run (lock.py) and record what it was started with (`_run.json`);
-    2. partition: Ray Data reads and validates the requests side (candidates or requests) and the
-       users, and writes them under `_work/` partitioned by shard (a stable hash: candidates and
-       users by user_id, so each shard joins against its own slice of users; requests by request_id);
-       `_plan.json` then fixes the shard count, so every later session sees the same shards;
+    1. lock the run (lock.py: heart-beaten until released, fencing every commit and delete) and
+       record what it was started with (`_run.json`);
+    2. partition: Ray Data reads and validates the requests side (candidates or requests), the users
+       and the items, and writes them under `_work/<pass>/` partitioned by shard (a stable hash:
+       candidates and users by user_id, so each shard joins against its own slice of users; requests
+       by request_id); the items go whole, a snapshot every later session reads instead of the live
+       input. `_plan.json` (an exclusive write) then fixes the pass, the shard count and the content
+       identity of every input file, so every later session sees the same shards of the same input;
     3. stream the shards not yet committed through prepare -> generate -> finish (shards.py); each
        shard commits itself (commit.py) and the driver counts the markers (progress.py);
-    4. when every shard is committed: sweep files of attempts that never committed, write
+    4. when every shard is committed: sweep the files no marker of that checked set names, write
        `_manifest.json` last, delete `_work/`.
 
 A session killed anywhere resumes from its last commit: step 2 is redone from scratch until its plan
-exists, and step 3 skips committed shards.
+exists, and step 3 skips committed shards. A session whose input files differ from the plan's (any
+content change, same size or not) is refused, naming the file.
 """
 
 from __future__ import annotations
@@ -23,28 +27,33 @@ import math
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import zip_longest
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from aigc_dist.batch.commit import sweep_uncommitted
-from aigc_dist.batch.inputs import InputTable, RowRules, count_rows, read_work_rows, resolve_input
+from aigc_dist.batch.inputs import InputTable, RowRules, describe_input_change, identify, resolve_input
 from aigc_dist.batch.layout import RunLayout, read_commits
-from aigc_dist.batch.lock import RunLock
+from aigc_dist.batch.lock import FencedError, RunLock
 from aigc_dist.batch.progress import Progress, build_manifest
+from aigc_dist.batch.reading import count_rows, read_work_rows, work_dataset
+from aigc_dist.batch.records import ReadLimits
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer, finish_shards
 from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, StorageConfig, config_digest
 from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.errors import UserError
 from aigc_dist.metrics import DriverMetrics
-from aigc_dist.storage import Storage, join_uri, parse_uri
+from aigc_dist.storage import AlreadyExistsError, Storage, join_uri, parse_uri
 
 log = logging.getLogger(__name__)
 
 # Environment variable naming a point where the driver SIGKILLs itself ("name" or "name:N" for the
-# N-th time it is reached): how the crash tests stop a driver at an exact place.
+# N-th time it is reached), or sleeps ("name=sleep:SECONDS", "name:N=sleep:SECONDS"): how the crash
+# and lock tests stop or slow a driver at an exact place.
 FAILPOINT_ENV = "AIGC_DIST_FAILPOINT"
 _failpoint_hits: dict[str, int] = {}
 # Logical CPUs of the per-shard stages besides the generators (Ray Data must never starve them).
@@ -57,13 +66,19 @@ class BackfillError(UserError, RuntimeError):
 
 def _failpoint(name: str) -> None:
     wanted = os.environ.get(FAILPOINT_ENV, "")
-    target, _, nth = wanted.partition(":")
+    point, _, action = wanted.partition("=")
+    target, _, nth = point.partition(":")
     if target != name:
         return
     _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
-    if _failpoint_hits[name] >= int(nth or 1):
-        log.warning("failpoint %s reached: killing the driver (pid %d)", wanted, os.getpid())
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _failpoint_hits[name] < int(nth or 1):
+        return
+    if action.startswith("sleep:"):
+        log.warning("failpoint %s reached: the driver sleeps %ss", wanted, action[len("sleep:"):])
+        time.sleep(float(action[len("sleep:"):]))
+        return
+    log.warning("failpoint %s reached: killing the driver (pid %d)", wanted, os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def describe_artifact(uri: str, storage: Storage) -> dict[str, Any]:
@@ -102,7 +117,8 @@ def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any])
     decisive = backfill.model_dump(mode="json", exclude={
         "run_id", "output", "artifact", "min_actors", "max_actors", "cpus_per_actor", "gpus_per_actor",
         "progress_interval_s", "lock_stale_after_s"})
-    decisive["data"] = data.model_dump(mode="json", include={"max_id_chars", "max_value_chars", "format"})
+    decisive["data"] = data.model_dump(mode="json", include={
+        "max_id_chars", "max_value_chars", "max_record_bytes", "max_nesting_depth", "max_fields", "format"})
     decisive["model_digest"] = model["digest"]
     digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return {"output_digest": digest,
@@ -116,9 +132,24 @@ def _id_salt(backfill: BackfillConfig, model: dict[str, Any]) -> str:
     return hashlib.sha256(f"image:{backfill.image_label_field}".encode()).hexdigest()[:16]
 
 
+def _fenced(lock: RunLock, storage: Storage) -> None:
+    """Before the driver writes or deletes a run object: the lock must still be ours (lock.py)."""
+    lock.check()
+    lock.fence.check(storage)
+
+
 def _record_run(layout: RunLayout, storage: Storage, backfill: BackfillConfig, model: dict[str, Any],
-                identity: dict[str, Any]) -> dict[str, Any]:
+                identity: dict[str, Any], lock: RunLock) -> dict[str, Any]:
     """`_run.json` of a new run, or the existing one after checking it is the same run."""
+    run_info = {"run_id": backfill.run_id, "mode": backfill.mode, "started_at": time.time(),
+                "model": {k: model[k] for k in ("name", "version", "digest", "kind", "uri")}, **identity}
+    if not storage.exists(layout.run_info):
+        _fenced(lock, storage)
+        try:
+            storage.write_json(layout.run_info, run_info, if_absent=True)
+            return run_info
+        except AlreadyExistsError:  # a retried write that landed, or a fenced driver's: read what is there
+            pass
     if storage.exists(layout.run_info):
         run_info = storage.read_json(layout.run_info)
         if run_info["output_digest"] != identity["output_digest"]:
@@ -126,46 +157,65 @@ def _record_run(layout: RunLayout, storage: Storage, backfill: BackfillConfig, m
                 f"run {backfill.run_id} at {layout.root} was started with another model or other output settings "
                 "(sampling, seed, filters, rows_per_file, batch_size, validation limits); resume it with the "
                 "same config, or use a new backfill.run_id")
-        return run_info
-    run_info = {"run_id": backfill.run_id, "mode": backfill.mode, "started_at": time.time(),
-                "model": {k: model[k] for k in ("name", "version", "digest", "kind", "uri")}, **identity}
-    storage.write_json(layout.run_info, run_info)
     return run_info
 
 
+def _check_inputs(then: list[Any], now: list[Any], run_id: str) -> None:
+    """Refuse a session whose input differs from the plan's, naming the first file that differs."""
+    for before, after in zip_longest(then, now):
+        if before is None or after is None or before[0] != after[0]:
+            change = "the input tables differ (candidates + users + items against a requests table)"
+        else:
+            change = describe_input_change(after[0], before, after)
+        if change:
+            raise BackfillError(f"the input changed since run {run_id} started: {change}. A run reads one input: "
+                                "resume it with the input it started with, or use a new backfill.run_id")
+
+
 def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable], backfill: BackfillConfig,
-               data: DataConfig, id_salt: str) -> dict[str, Any]:
-    """Write the input partitioned by shard under `_work/` (once per run) and return the plan."""
+               data: DataConfig, id_salt: str, lock: RunLock) -> dict[str, Any]:
+    """Write the input partitioned by shard under `_work/<pass>/` (once per run) and return the plan."""
     fingerprint = [table.fingerprint for table in tables.values()]
     if storage.exists(layout.plan):
         plan = storage.read_json(layout.plan)
-        if plan["inputs"] != fingerprint:
-            raise BackfillError(f"the input files changed since run {backfill.run_id} started (names or sizes "
-                                "differ); use a new backfill.run_id for new input")
+        _check_inputs(plan["inputs"], fingerprint, backfill.run_id)
         return plan
-    fs, work = storage.filesystem(layout.work)
-    fs.delete_dir_contents(work, missing_dir_ok=True)  # a partition pass that died half-way
+    _failpoint("partition")
+    # A pass of its own: files of an earlier pass (one that died, or of a driver that lost the lock)
+    # are never mixed in; they go with the rest of _work/ when the run completes.
+    work = uuid.uuid4().hex[:12]
+    limits = ReadLimits.of(data)
     side = "requests" if "requests" in tables else "candidates"
-    total = count_rows(tables[side], storage)
+    total, chunks = count_rows(tables[side], storage, limits)
     num_shards = max(1, math.ceil(total / backfill.rows_per_file))
     log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
-    parts = [read_work_rows(tables[name], RowRules(name, num_shards, id_salt, data.max_id_chars,
-                                                   data.max_value_chars), storage, part=part)
-             for name, part in ((side, "requests"), ("users", "users")) if name in tables]
-    out_fs, out_path = storage.filesystem(layout.work)
-    work = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    work.write_parquet(out_path, filesystem=out_fs, partition_cols=["part", "shard"])
+    parts = [read_work_rows(tables[side], RowRules(side, num_shards, id_salt, limits), storage, "requests", chunks)]
+    if "users" in tables:
+        parts.append(read_work_rows(tables["users"], RowRules("users", num_shards, limits=limits), storage, "users"))
+        parts.append(read_work_rows(tables["items"], RowRules("items", 1, limits=limits), storage, "items"))
+    out_fs, out_path = storage.filesystem(layout.work_pass(work))
+    work_rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    work_rows.write_parquet(out_path, filesystem=out_fs, partition_cols=["part", "shard"])
     _failpoint("partitioned")
+    # The pass read the live input: had it changed since the fingerprint, the plan would vouch for
+    # content the run never read.
+    _check_inputs(fingerprint, [identify(t, storage).fingerprint for t in tables.values()], backfill.run_id)
     plan = {"num_shards": num_shards, "total_rows": total, "rows_per_file": backfill.rows_per_file,
-            "inputs": fingerprint, "planned_at": time.time()}
-    storage.write_json(layout.plan, plan)
+            "inputs": fingerprint, "work": work, "planned_at": time.time()}
+    _fenced(lock, storage)
+    try:
+        storage.write_json(layout.plan, plan, if_absent=True)
+    except AlreadyExistsError:  # a retried write that landed (or another pass won): the plan is what is there
+        plan = storage.read_json(layout.plan)
     return plan
 
 
-def _item_refs(tables: dict[str, InputTable], data: DataConfig, storage: Storage) -> tuple[Any, list[Any]]:
-    """The items table, validated, as object-store blocks every preparer actor fetches once (a broadcast)."""
-    items = read_work_rows(tables["items"], RowRules("items", 1, "", data.max_id_chars, data.max_value_chars),
-                           storage).materialize()
+def _item_refs(layout: RunLayout, storage: Storage, plan: dict[str, Any], data: DataConfig) -> tuple[Any, list[Any]]:
+    """The items snapshot of the run, as object-store blocks every preparer actor fetches once (a broadcast)."""
+    items = work_dataset(storage, layout.work_dir(plan["work"], "items", 0))
+    if items is None:
+        return None, []
+    items = items.materialize()
     count = items.count()
     if count > data.max_broadcast_items:
         raise BackfillError(f"the items table has {count:,} rows, more than data.max_broadcast_items="
@@ -205,7 +255,10 @@ def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[A
     ds = ds.map_batches(finish_shards, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS,
                         fn_kwargs={"context": context})
     for row in ds.iter_rows():
-        yield json.loads(row["commit"])
+        marker = json.loads(row["commit"])
+        if "fenced" in marker:  # this driver's lock was taken over: nothing more is ours to do
+            raise FencedError(marker["fenced"])
+        yield marker
 
 
 def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
@@ -219,18 +272,24 @@ def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
 
 
 def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: dict[str, Any],
-            progress: Progress) -> dict[str, Any]:
-    """Every shard committed: sweep uncommitted files, write the manifest (last), drop the work files."""
+            progress: Progress, lock: RunLock) -> dict[str, Any]:
+    """Every shard committed: sweep uncommitted files, write the manifest (last), drop the work files.
+
+    The sweep and the manifest use the one marker set checked complete here: a second listing could
+    miss a marker, and the sweep would delete files the manifest lists.
+    """
     committed = read_commits(layout, storage)
     missing = sorted(set(range(plan["num_shards"])) - set(committed))
     if missing:
         raise BackfillError(f"shards {missing[:10]} did not commit; run again to resume")
     _failpoint("before_manifest")
-    sweep_uncommitted(layout, storage)
+    sweep_uncommitted(layout, storage, committed, lock.fence)
     manifest = build_manifest(layout, run_info, plan, committed, progress)
+    _fenced(lock, storage)
     storage.write_json(layout.manifest, manifest)
     fs, work = storage.filesystem(layout.work)
     if fs.get_file_info(work).type == pafs.FileType.Directory:
+        _fenced(lock, storage)
         fs.delete_dir(work)
     storage.delete(layout.progress)
     return manifest
@@ -281,28 +340,31 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
                                 "use a new backfill.run_id")
         log.info("backfill %s is already complete: %s", backfill.run_id, layout.manifest)
         return manifest
+    tables = {name: identify(table, storage) for name, table in tables.items()}
     ensure_ray(backfill)
-    with (RunLock(layout.lock, storage, backfill.lock_stale_after_s) as lock,
+    # Heartbeats well inside the stale time: a takeover needs several missed beats, not one late one.
+    heartbeat_s = min(backfill.progress_interval_s, backfill.lock_stale_after_s / 4)
+    with (RunLock(layout.lock, storage, backfill.lock_stale_after_s, heartbeat_s) as lock,
           exported_metrics(backfill.run_id, metrics_config) as metrics):
-        run_info = _record_run(layout, storage, backfill, model, identity)
-        plan = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model))
+        run_info = _record_run(layout, storage, backfill, model, identity, lock)
+        plan = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model), lock)
         committed = read_commits(layout, storage)
         pending = [k for k in range(plan["num_shards"]) if k not in committed]
         log.info("backfill %s: %d of %d shards to do (%s)", backfill.run_id, len(pending), plan["num_shards"],
                  layout.root)
         progress = Progress(layout, storage, backfill.run_id, plan, committed, started, metrics)
-        with progress.reporting(lock.heartbeat, backfill.progress_interval_s):
+        with progress.reporting(lock.check, backfill.progress_interval_s):
             if pending:
                 joins_users = "users" in tables
-                items, item_refs = _item_refs(tables, data, storage) if joins_users else (None, [])
-                context = ShardContext(layout.root, backfill, storage_config, joins_users, model,
-                                       model["template"], model["tokenizer"], model["labels"])
+                items, item_refs = _item_refs(layout, storage, plan, data) if joins_users else (None, [])
+                context = ShardContext(layout.root, backfill, storage_config, joins_users, model, plan["work"],
+                                       lock.fence, model["template"], model["tokenizer"], model["labels"])
                 for marker in _shard_pipeline(pending, context, item_refs):
                     progress.add(marker)
                     progress.check()
                     _failpoint("shard_committed")
                 del items  # the broadcast catalog may leave the object store now
-        manifest = _finish(layout, storage, run_info, plan, progress)
+        manifest = _finish(layout, storage, run_info, plan, progress, lock)
     counts = manifest["counts"]
     log.info("backfill %s complete: %d rows (%d ok, %d quarantined, %d filtered) -> %s", backfill.run_id,
              counts["total"], counts["ok"], counts["quarantined"], counts["filtered"], layout.manifest)

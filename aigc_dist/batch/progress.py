@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 def sum_counts(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Rows by status and by failing stage, generated tokens and per-stage seconds over commit markers."""
     totals: dict[str, Any] = {"total": 0, "ok": 0, "quarantined": 0, "filtered": 0, "by_stage": {},
-                              "tokens": 0, "prompt_tokens": 0, "seconds": {}}
+                              "profiles": {"users": 0, "items": 0}, "tokens": 0, "prompt_tokens": 0, "seconds": {}}
     for marker in markers:
         counts = marker["counts"]
         for key in ("total", "ok", "quarantined", "filtered"):
             totals[key] += counts[key]
+        for table, n in counts.get("profiles", {}).items():  # bad rows of the users and items tables
+            totals["profiles"][table] += n
         for stage, n in counts["by_stage"].items():
             totals["by_stage"][stage] = totals["by_stage"].get(stage, 0) + n
         totals["tokens"] += marker["tokens"]["generated"]
@@ -112,14 +114,15 @@ class Progress:
         return snap
 
     @contextmanager
-    def reporting(self, heartbeat: Any, interval_s: float) -> Iterator[Progress]:
-        """Report and heartbeat every `interval_s` on a thread while the body runs; once more at the end."""
+    def reporting(self, check_lock: Any, interval_s: float) -> Iterator[Progress]:
+        """Report every `interval_s` on a thread while the body runs, once the lock is confirmed ours
+        (`check_lock`); once more at the end. The lock's heartbeat runs on its own thread (lock.py)."""
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.wait(interval_s):
                 try:
-                    heartbeat()
+                    check_lock()
                     self.report()
                 except Exception as exc:  # surfaced to the driver by check()
                     self.failure = exc
@@ -172,7 +175,7 @@ def build_manifest(layout: RunLayout, run_info: dict[str, Any], plan: dict[str, 
         "mode": run_info["mode"], "model": run_info["model"], "config_digest": run_info["config_digest"],
         "output_digest": run_info["output_digest"], "inputs": plan["inputs"],
         "num_shards": plan["num_shards"], "rows_per_file": plan["rows_per_file"],
-        "counts": {k: counts[k] for k in ("total", "ok", "quarantined", "filtered", "by_stage")},
+        "counts": {k: counts[k] for k in ("total", "ok", "quarantined", "filtered", "by_stage", "profiles")},
         "files": files,
         "bytes": {kind: sum(f["bytes"] for f in entries) for kind, entries in files.items()},
         "objects_per_million_rows": 1e6 * (data_files + len(files["errors"])) / max(counts["total"], 1),

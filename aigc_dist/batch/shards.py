@@ -4,13 +4,17 @@ A shard travels through the pipeline as one row (its number plus Arrow IPC paylo
 can never split or merge shards while it streams them through three stages:
 
     ShardPreparer  (actor pool)  join users (same shard of the users table) and items (the catalog,
-                                 broadcast to each actor once), drop duplicates, check prompts
+                                 broadcast to each actor once), drop duplicates, check prompts; report
+                                 the bad rows of the users table (each in its own shard) and of the
+                                 items table (with shard 0), so they reach errors/ exactly once
     ShardGenerator (actor pool)  load the artifact once, generate with the shared Text/ImageEngine
                                  in batches of backfill.batch_size
     finish_shards  (tasks)       evaluate, filter, write data/ and errors/, commit (commit.py)
 
 Rows inside a shard are sorted by request_id and every row's seed derives from backfill.seed and its
-request_id, so a shard generated again after a crash is byte-identical to the first attempt.
+request_id, so a shard generated again after a crash holds the same rows with the same content as
+the first attempt; only `created_at` (when the attempt finished) and the attempt id in the file
+names differ.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from typing import Any
 import pyarrow as pa
 
 from aigc_dist.batch.commit import commit_shard
-from aigc_dist.batch.inputs import WORK_SCHEMA, read_work_files
+from aigc_dist.batch.inputs import WORK_SCHEMA
 from aigc_dist.batch.layout import ERRORS_SCHEMA, IMAGE_SCHEMA, STAGES, TEXT_SCHEMA, RunLayout
+from aigc_dist.batch.lock import Fence, FencedError
 from aigc_dist.batch.quality import filter_reason, text_quality
+from aigc_dist.batch.reading import ProfileIndex, read_work_files
 from aigc_dist.config import BackfillConfig, StorageConfig
 from aigc_dist.metrics import ActorMetrics
 from aigc_dist.storage import Storage
@@ -54,9 +60,16 @@ class ShardContext:
     storage: StorageConfig
     joins_users: bool  # candidates + users + items; False for a pre-joined requests table
     model: dict[str, Any]  # name, version, digest, kind, max_seq_len, num_classes
+    work: str  # the partition pass the plan adopted (`_work/<work>/`)
+    fence: Fence  # the driver's lock: checked before every commit and delete
     template: dict[str, Any] | None = None  # text: the artifact's prompt template
     tokenizer: dict[str, Any] | None = None
     labels: list[str] = field(default_factory=list)  # image: class names, index = class id
+
+
+def stats_side(shard_row: dict[str, Any]) -> str:
+    """The requests-side table of a shard in flight ("candidates" or "requests")."""
+    return json.loads(shard_row["stats"])["side"]
 
 
 def row_seed(base_seed: int, request_id: str) -> int:
@@ -80,36 +93,16 @@ def _shard_row(shard: int, rows: pa.Table, errors: pa.Table, stats: dict[str, An
     return {"shard": shard, "rows": to_ipc(rows), "errors": to_ipc(errors), "stats": json.dumps(stats)}
 
 
-def _error(row: dict[str, Any], stage: str, message: str, content: str | None = None) -> dict[str, Any]:
+def _error(row: dict[str, Any], stage: str, message: str, table: str, content: str | None = None) -> dict[str, Any]:
     return {"request_id": row.get("key", row.get("request_id")), "user_id": row.get("user_id"),
-            "item_id": row.get("item_id"), "stage": stage, "error": message, "raw": row["raw"], "content": content}
+            "item_id": row.get("item_id"), "stage": stage, "error": message, "raw": row["raw"], "content": content,
+            "table": table}
 
 
-class _Lookup:
-    """A users or items table by id: features, or why the id cannot be used."""
-
-    def __init__(self, table: pa.Table, side: str):
-        self.side = side
-        self.rows: dict[str, tuple[dict[str, Any] | None, str | None, int]] = {}
-        for row in table.select(["key", "raw", "error"]).to_pylist():
-            if row["key"] is None:
-                continue
-            seen = self.rows.get(row["key"])
-            count = seen[2] + 1 if seen else 1
-            features = json.loads(row["raw"]) if row["error"] is None else None
-            self.rows[row["key"]] = (features, row["error"], count) if not seen else (seen[0], seen[1], count)
-
-    def get(self, key: str | None) -> tuple[dict[str, Any] | None, str | None]:
-        """(features, None) or (None, why the join fails)."""
-        found = self.rows.get(key) if key is not None else None
-        if found is None:
-            return None, f"unknown {self.side} {key!r}: not in the {self.side}s table"
-        features, error, count = found
-        if count > 1:
-            return None, f"{self.side}_id {key!r} appears {count} times in the {self.side}s table"
-        if error is not None:
-            return None, f"{self.side} {key!r} is invalid: {error}"
-        return features, None
+def _profile_errors(index: ProfileIndex) -> list[dict[str, Any]]:
+    """errors/ rows for the rejected rows of a users or items table (no request_id: they are no request)."""
+    rows = sorted(index.rejected(), key=lambda r: (r["key"] or "", r["raw"]))  # the same order in every attempt
+    return [{**_error(r, r["stage"], r["error"], f"{index.side}s"), "request_id": None} for r in rows]
 
 
 class ShardPreparer:
@@ -122,7 +115,8 @@ class ShardPreparer:
         self.storage = Storage(context.storage)
         self.layout = RunLayout(context.root)
         items = [ray.get(ref) for ref in item_refs]
-        self.items = _Lookup(pa.concat_tables(items) if items else WORK_SCHEMA.empty_table(), "item")
+        self.items = ProfileIndex(pa.concat_tables(items) if items else WORK_SCHEMA.empty_table(), "item")
+        self.side = "candidates" if context.joins_users else "requests"
         self.template = self.tokenizer = None
         if context.template is not None:
             from aigc_dist.data.prompts import PromptTemplate
@@ -160,35 +154,40 @@ class ShardPreparer:
 
     def prepare(self, shard: int) -> dict[str, Any]:
         started = time.perf_counter()
-        work = read_work_files(self.storage, self.layout.work_dir("requests", shard)).to_pylist()
+        work_pass = self.context.work
+        work = read_work_files(self.storage, self.layout.work_dir(work_pass, "requests", shard)).to_pylist()
         users = None
-        if self.context.joins_users:
-            users = _Lookup(read_work_files(self.storage, self.layout.work_dir("users", shard)), "user")
-        work.sort(key=lambda r: (r["key"] or "", r["raw"]))  # the same order in every attempt
         prepared, errors, seen = [], [], set()
+        if self.context.joins_users:
+            users = ProfileIndex(read_work_files(self.storage, self.layout.work_dir(work_pass, "users", shard)), "user")
+            errors += _profile_errors(users)
+            if shard == 0:
+                errors += _profile_errors(self.items)
+        work.sort(key=lambda r: (r["key"] or "", r["raw"]))  # the same order in every attempt
         for row in work:
             if row["error"] is not None:
-                errors.append(_error(row, row["stage"], row["error"]))
+                errors.append(_error(row, row["stage"], row["error"], self.side))
                 continue
             if row["key"] in seen:
-                errors.append(_error(row, "validate", f"duplicate request_id {row['key']} (the first row is kept)"))
+                errors.append(_error(row, "validate", f"duplicate request_id {row['key']} (the first row is kept)",
+                                     self.side))
                 continue
             seen.add(row["key"])
             if users is not None:
                 (user, user_problem), (item, item_problem) = users.get(row["user_id"]), self.items.get(row["item_id"])
                 if user_problem or item_problem:
-                    errors.append(_error(row, "join", user_problem or item_problem))
+                    errors.append(_error(row, "join", user_problem or item_problem, self.side))
                     continue
             else:
                 user = item = json.loads(row["raw"])
             label, problem = self._condition(user, item)
             if problem:
-                errors.append(_error(row, "prompt", problem))
+                errors.append(_error(row, "prompt", problem, self.side))
                 continue
             prepared.append({"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
                              "seed": row_seed(self.context.backfill.seed, row["key"]), "user": json.dumps(user),
                              "item": json.dumps(item), "raw": row["raw"], "label": label})
-        stats = {"seconds": {"prepare": time.perf_counter() - started}, "input_rows": len(work)}
+        stats = {"seconds": {"prepare": time.perf_counter() - started}, "input_rows": len(work), "side": self.side}
         return _shard_row(shard, pa.Table.from_pylist(prepared, schema=PREPARED_SCHEMA),
                           pa.Table.from_pylist(errors, schema=PENDING_ERRORS_SCHEMA), stats)
 
@@ -262,7 +261,7 @@ class ShardGenerator:
         generated = []
         for request, (columns, problem) in zip(requests, results, strict=True):
             if problem is not None:
-                errors.append(_error(request, "generate", problem))
+                errors.append(_error(request, "generate", problem, stats_side(shard_row)))
             else:
                 generated.append({**request, **columns})
         stats = json.loads(shard_row["stats"])
@@ -299,17 +298,21 @@ def finish_shard(shard_row: dict[str, Any], context: ShardContext) -> dict[str, 
             out.update(text_quality(row["content"], json.loads(row["user"]), json.loads(row["item"])))
             reason = filter_reason(row["content"], out, backfill)
             if reason is not None:
-                errors.append(_error(row, "filter", reason, content=row["content"]))
+                errors.append(_error(row, "filter", reason, stats_side(shard_row), content=row["content"]))
                 continue
         data.append(out)
     for error in errors:
         error["created_at"] = created_at
     stats = json.loads(shard_row["stats"])
-    by_stage = {stage: sum(e["stage"] == stage for e in errors) for stage in STAGES}
+    side = stats.pop("side")
+    requests_side = [e for e in errors if e["table"] == side]
+    by_stage = {stage: sum(e["stage"] == stage for e in requests_side) for stage in STAGES}
     filtered = by_stage["filter"]
     stats.update(
-        counts={"total": len(data) + len(errors), "ok": len(data), "quarantined": len(errors) - filtered,
-                "filtered": filtered, "by_stage": {k: v for k, v in by_stage.items() if v}},
+        counts={"total": len(data) + len(requests_side), "ok": len(data),
+                "quarantined": len(requests_side) - filtered, "filtered": filtered,
+                "by_stage": {k: v for k, v in by_stage.items() if v},
+                "profiles": {table: sum(e["table"] == table for e in errors) for table in ("users", "items")}},
         tokens={"generated": sum(r.get("num_tokens", 0) for r in data),
                 "prompt": sum(r.get("prompt_tokens", 0) for r in data)},
     )
@@ -317,11 +320,20 @@ def finish_shard(shard_row: dict[str, Any], context: ShardContext) -> dict[str, 
     schema = TEXT_SCHEMA if backfill.mode == "text" else IMAGE_SCHEMA
     outputs = {"data": pa.Table.from_pylist(data, schema=schema),
                "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
-    return commit_shard(RunLayout(context.root), Storage(context.storage), shard_row["shard"], outputs, stats)
+    return commit_shard(RunLayout(context.root), Storage(context.storage), shard_row["shard"], outputs, stats,
+                        context.fence)
+
+
+def _finished(row: dict[str, Any], context: ShardContext) -> dict[str, Any]:
+    try:
+        return finish_shard(row, context)
+    except FencedError as exc:  # the driver must hear it as such (exit 4), not as a failed task
+        return {"shard": row["shard"], "fenced": str(exc)}
 
 
 def finish_shards(batch: pa.Table, context: ShardContext) -> pa.Table:
-    """Ray Data task: finish each shard of the batch; one row per shard holding its commit marker."""
-    markers = [finish_shard(row, context) for row in batch.to_pylist()]
+    """Ray Data task: finish each shard of the batch; one row per shard holding its commit marker
+    (or, when the driver's lock was taken over, why nothing was committed)."""
+    markers = [_finished(row, context) for row in batch.to_pylist()]
     return pa.table({"shard": pa.array([m["shard"] for m in markers], pa.int32()),
                      "commit": pa.array([json.dumps(m) for m in markers], pa.string())})

@@ -159,6 +159,30 @@ class DataConfig(Section):
     max_broadcast_items: int = Field(
         5_000_000, ge=1, description="Backfill: the items table is copied to every actor; more rows is an error."
     )
+    max_record_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        le=1 << 30,
+        description="Input reading (backfill, Serve profiles, training features): a jsonl line or csv record "
+        "(or csv field) longer than this many bytes is quarantined without being parsed.",
+    )
+    max_nesting_depth: int = Field(
+        64,
+        ge=1,
+        le=200,
+        description="Input reading: a value nested deeper (a list or object of scalars is 1 level) is "
+        "quarantined; bounds the work and recursion spent on one record.",
+    )
+    max_fields: int = Field(
+        1024, ge=1, le=100_000, description="Input reading: a record with more fields (columns or keys) is quarantined."
+    )
+    read_chunk_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=4096,
+        le=1 << 34,
+        description="Backfill: jsonl files are read in ranges of about this many bytes, one read task each "
+        "(split at line ends); csv files are streamed by one task each (a quoted field may hold a line end).",
+    )
 
 
 class BackfillConfig(Section):

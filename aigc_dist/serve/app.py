@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from aigc_dist import __version__
+from aigc_dist.batch.records import ReadLimits
 from aigc_dist.config import AigcConfig, DataConfig, ServeConfig, StorageConfig, parse_overrides, read_config_file
 from aigc_dist.config.loader import merge, validate_config
 from aigc_dist.engine.images import ImageEngine, ImageRequest
@@ -104,9 +105,10 @@ class AigcServe:
         self.storage = Storage(StorageConfig.model_validate(storage_config))
         # The replica's CPU share decides torch's threads, so co-located replicas don't oversubscribe.
         torch.set_num_threads(max(1, int(self.limits.cpus_per_replica)))
-        self.users = ProfileTable.load("user", data.users, data.format, self.storage) if data.users \
+        limits = ReadLimits.of(data)  # the backfill's reader and limits: one rule for every reader of a table
+        self.users = ProfileTable.load("user", data.users, data.format, self.storage, limits) if data.users \
             else empty_table("user")
-        self.items = ProfileTable.load("item", data.items, data.format, self.storage) if data.items \
+        self.items = ProfileTable.load("item", data.items, data.format, self.storage, limits) if data.items \
             else empty_table("item")
         self.text: TextEngine | None = None
         self.image: ImageEngine | None = None

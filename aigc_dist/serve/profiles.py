@@ -1,22 +1,24 @@
 """Users and items tables held in memory by each replica, so callers may send ids only.
 
 The tables are the backfill's inputs (`data.users`, `data.items`: parquet, jsonl or csv, local or
-S3), read once when a replica starts. A row whose id is missing or repeated is skipped with a count
-in the log rather than failing the replica: the online path serves what it can, the backfill is
-where bad rows get quarantined with their reasons.
+S3), read once when a replica starts with the backfill's own reader (aigc_dist.batch.reading) and
+its one rule for bad and repeated ids. Whatever the bytes of a row, it never fails the replica:
+a rejected row is counted and reported in the log with its reason (the first few of them), and its
+id, if it has one, answers like an unknown id.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from aigc_dist.batch.inputs import InputTable, parse_text_file, resolve_input
+from aigc_dist.batch.reading import load_profiles
+from aigc_dist.batch.records import ReadLimits
 from aigc_dist.storage import Storage
 
 log = logging.getLogger(__name__)
+REPORTED_ROWS = 10  # rejected rows named one by one in the log; the rest are counted
 
 
 class UnknownIdError(KeyError):
@@ -32,37 +34,26 @@ class UnknownIdError(KeyError):
         return self.args[0]
 
 
-def _rows(table: InputTable, storage: Storage) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for uri, _ in table.files:
-        fs, path = storage.filesystem(uri)
-        if table.format == "parquet":
-            rows += pq.read_table(path, filesystem=fs).to_pylist()
-        else:
-            rows += [row for row, error in parse_text_file(storage.read_bytes(uri), table.format, uri) if not error]
-    return rows
-
-
 class ProfileTable:
-    """id -> features of one side (users or items)."""
+    """id -> features of one side (users or items), and the rows that were rejected."""
 
-    def __init__(self, side: str, rows: list[dict[str, Any]]):
-        self.side = side
-        self.features: dict[str, dict[str, Any]] = {}
-        skipped = 0
+    def __init__(self, side: str, features: dict[str, dict[str, Any]], rejected: list[dict[str, Any]] | None = None):
         key = f"{side}_id"
-        for row in rows:
-            identifier = row.get(key)
-            if not isinstance(identifier, str) or not identifier or identifier in self.features:
-                skipped += 1
-                continue
-            self.features[identifier] = {k: v for k, v in row.items() if k != key}
-        if skipped:
-            log.warning("%ss table: skipped %d rows with a missing, non-text or repeated %s", side, skipped, key)
+        self.side = side
+        self.features = {identifier: {k: v for k, v in row.items() if k != key} for identifier, row in features.items()}
+        self.rejected = rejected or []  # work rows: key (the id, when usable), raw, error
+        if self.rejected:
+            shown = "; ".join(f"{json.dumps(r['key']) if r['key'] else 'no usable id'}: {r['error']}"
+                              for r in self.rejected[:REPORTED_ROWS])
+            more = f" (and {len(self.rejected) - REPORTED_ROWS} more)" if len(self.rejected) > REPORTED_ROWS else ""
+            log.warning("%ss table: %d rows rejected, their ids answer as unknown: %s%s", side, len(self.rejected),
+                        shown, more)
 
     @classmethod
-    def load(cls, side: str, uri: str, fmt: str, storage: Storage) -> ProfileTable:
-        return cls(side, _rows(resolve_input(f"{side}s", uri, fmt, storage), storage))  # type: ignore[arg-type]
+    def load(cls, side: str, uri: str, fmt: str, storage: Storage, limits: ReadLimits | None = None) -> ProfileTable:
+        """Read a users (`side="user"`) or items table; `limits` are the data section's (`ReadLimits.of`)."""
+        index = load_profiles(side, uri, fmt, storage, limits or ReadLimits.default())
+        return cls(side, index.features(), index.rejected())
 
     def __len__(self) -> int:
         return len(self.features)
@@ -79,4 +70,4 @@ class ProfileTable:
 
 
 def empty_table(side: str) -> ProfileTable:
-    return ProfileTable(side, [])
+    return ProfileTable(side, {})

@@ -23,6 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aigc_dist.batch.reading import load_profiles
+from aigc_dist.batch.records import ReadLimits
 from aigc_dist.config import ConfigError, DataConfig, StorageConfig
 from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_example
 from aigc_dist.models.tokenizer import ByteTokenizer
@@ -62,10 +64,14 @@ class LMEncoding:
 
 
 def _feature_table(uri: str, key: str, storage: StorageConfig) -> dict[Any, dict[str, Any]]:
+    """id -> row of a users or items table (parquet, jsonl or csv), read by the backfill's reader with its
+    one rule: invalid rows and every copy of a repeated id are rejected (logged), and examples that name
+    them are dropped like unknown ids."""
     if uri not in _FEATURE_TABLES:
-        fs, path = Storage(storage).filesystem(uri)
-        rows = pq.read_table(path, filesystem=fs).to_pylist()
-        _FEATURE_TABLES[uri] = {row[key]: row for row in rows}
+        index = load_profiles(key.removesuffix("_id"), uri, "auto", Storage(storage), ReadLimits.default())
+        if rejected := index.rejected():
+            log.warning("%s: %d feature rows rejected, e.g. %s", uri, len(rejected), rejected[0]["error"])
+        _FEATURE_TABLES[uri] = index.features()
     return _FEATURE_TABLES[uri]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 
 from aigc_dist.batch.inputs import stable_request_id
@@ -122,11 +123,19 @@ def test_bad_input_is_quarantined_with_reasons_and_good_rows_all_written(ray_loc
 
     manifest = run_backfill(backfill, data_config, StorageConfig())
 
-    data, errors = read_output(str(tmp_path / "out" / "bad-input"))
+    data, all_errors = read_output(str(tmp_path / "out" / "bad-input"))
+    errors = all_errors.filter(pc.equal(all_errors["table"], "candidates"))
     salt = template_digest(kit.template)
     assert set(data["request_id"].to_pylist()) == {stable_request_id(r["user_id"], r["item_id"], salt) for r in good}
     assert data.num_rows == len(good) and manifest["counts"]["total"] == len(good) + len(bad)
     assert manifest["counts"]["quarantined"] == errors.num_rows == len(bad)
+    # The bad rows of the users table are in errors/ too, once each: both copies of the repeated user,
+    # and the user whose interest is over max_value_chars.
+    profiles = sorted((e["table"], e["user_id"], e["error"]) for e in all_errors.to_pylist()
+                      if e["table"] != "candidates")
+    assert [(t, u) for t, u, _ in profiles] == [("users", other_user), ("users", other_user), ("users", "u_long")]
+    assert "appears 2 times" in profiles[0][2] and "interests[0]: 5000 characters" in profiles[2][2]
+    assert manifest["counts"]["profiles"] == {"users": 3, "items": 0}
     found = sorted((e["stage"], e["error"]) for e in errors.to_pylist())
     for stage, words in bad.values():
         assert any(s == stage and words in message for s, message in found), (stage, words, found)

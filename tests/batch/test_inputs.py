@@ -7,16 +7,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from aigc_dist.batch.inputs import (
-    RowRules,
-    normalize_arrow,
-    parse_text_file,
-    raw_json,
-    resolve_input,
-    shard_of,
-    stable_request_id,
-    work_row,
-)
+from aigc_dist.batch.inputs import RowRules, resolve_input, shard_of, stable_request_id, work_row
+from aigc_dist.batch.reading import normalize_arrow, read_table_rows
+from aigc_dist.batch.records import raw_json
 from aigc_dist.storage import Storage
 
 CANDIDATES = RowRules("candidates", num_shards=4, id_salt="t1")
@@ -66,21 +59,29 @@ def test_requests_keep_their_own_request_id_or_get_one():
     assert "missing user_id" in work_row({"title": "x"}, rules)["error"]
 
 
-def test_jsonl_parsing_isolates_bad_lines():
+def _read(tmp_path, name: str, data: bytes, rules: RowRules = CANDIDATES) -> list[dict]:
+    (tmp_path / name).write_bytes(data)
+    table = resolve_input(rules.kind, str(tmp_path / name), "auto", Storage())
+    return read_table_rows(table, rules, Storage()).to_pylist()
+
+
+def test_jsonl_parsing_isolates_bad_lines(tmp_path):
     data = b'{"user_id": "u1", "item_id": "i1"}\n\nnot json\n[1]\n{"user_id": "u\xff", "item_id": "i2"}\r\n' \
            b'{"user_id": "u3", "item_id": "i3", "title": "a\xe2\x80\xa8b"}\n'
-    records = parse_text_file(data, "jsonl", "c.jsonl")
-    assert [err is None for _, err in records] == [True, False, False, True, True]
-    assert "c.jsonl:3: not valid JSON" in records[1][1] and "not a JSON object" in records[2][1]
-    assert records[4][0]["title"] == "a\u2028b"  # U+2028 inside a string is not a line break
-    assert "invalid UTF-8" in work_row(records[3][0], CANDIDATES)["error"]
-    assert "\\xff" in json.loads(raw_json(records[3][0]))["user_id"]
+    rows = _read(tmp_path, "c.jsonl", data)
+    assert [r["error"] is None for r in rows] == [True, False, False, False, True]
+    assert "c.jsonl:3: not valid JSON" in rows[1]["error"] and "c.jsonl:4: not a JSON object" in rows[2]["error"]
+    assert [r["stage"] for r in rows[1:4]] == ["read", "read", "validate"]
+    assert json.loads(rows[4]["raw"])["title"] == "a\u2028b"  # U+2028 inside a string is not a line break
+    assert "invalid UTF-8" in rows[3]["error"]
+    assert "\\xff" in json.loads(rows[3]["raw"])["user_id"]
+    assert "\\xff" in json.loads(raw_json({"user_id": "u\udcff"}))["user_id"]
 
 
-def test_csv_parsing_reads_text_and_flags_ragged_rows():
-    records = parse_text_file(b"user_id,item_id,rank\nu1,i1,\nu2,i2,3,extra\n", "csv", "c.csv")
-    assert records[0] == ({"user_id": "u1", "item_id": "i1", "rank": None}, None)
-    assert "4 fields, the header has 3" in records[1][1]
+def test_csv_parsing_reads_text_and_flags_ragged_rows(tmp_path):
+    rows = _read(tmp_path, "c.csv", b"user_id,item_id,rank\nu1,i1,\nu2,i2,3,extra\n")
+    assert rows[0]["error"] is None and json.loads(rows[0]["raw"]) == {"user_id": "u1", "item_id": "i1", "rank": None}
+    assert "c.csv:3: 4 fields, the header has 3" in rows[1]["error"]
 
 
 def test_parquet_batches_become_work_rows_with_a_part_column():

@@ -63,9 +63,9 @@ def test_heartbeat_notices_a_takeover(lock_uri):
     storage = Storage()
     lock = RunLock(lock_uri, storage, stale_after_s=60)
     lock.acquire()
-    lock.heartbeat()
+    lock.renew()
     storage.write_json(lock_uri, _held("another-host", 1, 0))
     with pytest.raises(RunLockedError, match="lost the run lock"):
-        lock.heartbeat()
+        lock.renew()
     lock.release()
     assert storage.exists(lock_uri)  # someone else's lock is never released by us
