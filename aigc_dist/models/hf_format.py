@@ -32,6 +32,8 @@ from aigc_dist.models.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Te
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 GENERATION_FILE, METADATA_FILE = "generation_config.json", "metadata.json"
+# A LoRA adapter directory, in PEFT's layout (`hf_adapter.py`).
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 METADATA_FORMAT = "aigc-dist/hf-1"  # metadata.json's `format`: what an engine accepts
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30  # one safetensors file up to 2 GiB, as save_pretrained's default of 5 GB shrunk
@@ -268,46 +270,81 @@ def _read_json(store: CheckpointStore, uri: str, name: str, required: bool) -> d
     return value
 
 
-def read_state_dict(uri: str, store: CheckpointStore, expected: dict[str, str] | None = None
-                    ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The weights, whole or from shards; each file checked against `expected` sha256 digests if given."""
+def _read_checked(store: CheckpointStore, uri: str, name: str, expected: dict[str, str] | None,
+                  digests: dict[str, str] | None = None) -> bytes | None:  # fmt: skip
+    """A file's bytes (None when absent), checked against metadata.json's sha256 when `expected` is given;
+    its sha256 goes into `digests` when given."""
+    data = _read(store, uri, name)
+    return None if data is None else _checked(uri, name, data, expected, digests)
+
+
+def _checked(uri: str, name: str, data: bytes, expected: dict[str, str] | None,
+             digests: dict[str, str] | None) -> bytes:  # fmt: skip
+    sha = hashlib.sha256(data).hexdigest()
+    if expected is not None and sha != expected.get(name):
+        raise CheckpointError(f"{uri}/{name} does not match metadata.json's sha256 (corrupted or replaced?)")
+    if digests is not None:
+        digests[name] = sha
+    return data
+
+
+def _read_weights(uri: str, store: CheckpointStore, expected: dict[str, str] | None,
+                  digests: dict[str, str]) -> dict[str, torch.Tensor]:  # fmt: skip
     def load(name: str) -> dict[str, torch.Tensor]:
-        data = _read(store, uri, name)
+        data = _read_checked(store, uri, name, expected, digests)
         if data is None:
             raise CheckpointError(f"{uri} is not a complete checkpoint: {name} is missing")
-        if expected is not None and hashlib.sha256(data).hexdigest() != expected.get(name):
-            raise CheckpointError(f"{uri}/{name} does not match metadata.json's sha256 (corrupted or replaced?)")
         return safetensors.torch.load(data)
 
-    index = _read_json(store, uri, INDEX_FILE, required=False)
-    if index is None:
+    index_data = _read_checked(store, uri, INDEX_FILE, expected, digests)
+    if index_data is None:
         return load(WEIGHTS_FILE)
+    try:
+        index = json.loads(index_data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{uri}/{INDEX_FILE} is not JSON: {exc}") from None
     state: dict[str, torch.Tensor] = {}
     for name in sorted(set(index.get("weight_map", {}).values())):
         state.update(load(name))
     return state
 
 
-def load_checkpoint(uri: str, store: CheckpointStore, device: str | torch.device = "cpu", *,
-                    require_metadata: bool = True, dtype: torch.dtype | None = None) -> TextCheckpoint:  # fmt: skip
-    """Rebuild a text model from its directory. With metadata.json (aigc-dist's own, required by
-    engines by default) every file is checked against its recorded sha256."""
-    meta = _read_json(store, uri, METADATA_FILE, required=require_metadata)
+def read_state_dict(uri: str, store: CheckpointStore, expected: dict[str, str] | None = None
+                    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The weights, whole or from shards; each file checked against `expected` sha256 digests if given."""
+    return _read_weights(uri, store, expected, {})
+
+
+def _files_digest(digests: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def _read_metadata(uri: str, store: CheckpointStore, required: bool) -> dict[str, Any] | None:
+    meta = _read_json(store, uri, METADATA_FILE, required=required)
     if meta is not None and meta.get("format") != METADATA_FORMAT:
         raise CheckpointError(
-            f"{uri}/{METADATA_FILE}: format {meta.get('format')!r} is not {METADATA_FORMAT!r}; an artifact of "
-            "aigc-dist's earlier format converts once with `aigc-dist export --to-hf URI`"
+            f"{uri}/{METADATA_FILE}: format {meta.get('format')!r} is not {METADATA_FORMAT!r}; for an artifact of "
+            "aigc-dist's earlier format, `aigc-dist export --to-hf URI` says what it is and how to replace it"
         )
-    expected = meta.get("files") if meta else None
+    return meta
+
+
+def _config_and_tokenizer(uri: str, store: CheckpointStore, expected: dict[str, str] | None,
+                          digests: dict[str, str], config_data: bytes | None = None
+                          ) -> tuple[LMConfig, TextTokenizer]:  # fmt: skip
+    """config.json (already read when `config_data` is given) and the tokenizer files, checked and parsed."""
     raw = {}
     for name, required in ((CONFIG_FILE, True), (TOKENIZER_FILE, True), (TOKENIZER_CONFIG_FILE, False),
                            (GENERATION_FILE, False)):  # fmt: skip
-        data = _read(store, uri, name)
+        # Only config.json goes into `digests`: with the weights it fixes what the model computes.
+        kept = digests if name == CONFIG_FILE else None
+        if name == CONFIG_FILE and config_data is not None:
+            data = _checked(uri, name, config_data, expected, kept)
+        else:
+            data = _read_checked(store, uri, name, expected, kept)
         if data is None and required:
             raise CheckpointError(f"{uri} is not a complete checkpoint: {name} is missing (every text model "
                                   "needs config.json and tokenizer.json)")
-        if data is not None and expected is not None and hashlib.sha256(data).hexdigest() != expected.get(name):
-            raise CheckpointError(f"{uri}/{name} does not match metadata.json's sha256 (corrupted or replaced?)")
         raw[name] = data
     try:
         config_json = json.loads(raw[CONFIG_FILE])
@@ -326,7 +363,35 @@ def load_checkpoint(uri: str, store: CheckpointStore, device: str | torch.device
                               f"{CONFIG_FILE}'s vocab_size={config.vocab_size}")
     if not config.eos_token_id and tokenizer.eos_id is not None:
         config.eos_token_id = [tokenizer.eos_id]
-    state = read_state_dict(uri, store, expected)
+    return config, tokenizer
+
+
+def peek_checkpoint(uri: str, store: CheckpointStore) -> tuple[LMConfig, TextTokenizer]:
+    """A checkpoint's config and tokenizer without its weights (what a training run checks on its driver);
+    metadata.json is optional, and its sha256 digests are checked when present."""
+    meta = _read_metadata(uri, store, required=False)
+    if _read(store, uri, CONFIG_FILE) is None and _read(store, uri, ADAPTER_CONFIG_FILE) is not None:
+        raise CheckpointError(f"{uri} is a LoRA adapter directory, not a whole checkpoint: start from its base "
+                              "model, or from a merged export")
+    return _config_and_tokenizer(uri, store, meta.get("files") if meta else None, {})
+
+
+def weights_digest(uri: str, store: CheckpointStore) -> str:
+    """sha256 over config.json and the weight files of a checkpoint: what an adapter records of its base,
+    so that loading it on a base whose weights were replaced fails instead of merging into the wrong model."""
+    digests: dict[str, str] = {}
+    _read_checked(store, uri, CONFIG_FILE, None, digests)
+    _read_weights(uri, store, None, digests)
+    return _files_digest(digests)
+
+
+def _load_whole(uri: str, store: CheckpointStore, device: str | torch.device, meta: dict[str, Any] | None,
+                dtype: torch.dtype | None, config_data: bytes | None = None) -> tuple[TextCheckpoint, str]:  # fmt: skip
+    """The checkpoint, and `weights_digest` of it (computed from the bytes as they are read)."""
+    expected = meta.get("files") if meta else None
+    digests: dict[str, str] = {}
+    config, tokenizer = _config_and_tokenizer(uri, store, expected, digests, config_data)
+    state = _read_weights(uri, store, expected, digests)
     with torch.device("meta"):
         model = LlamaLM(config)
     model = model.to_empty(device="cpu")
@@ -339,4 +404,18 @@ def load_checkpoint(uri: str, store: CheckpointStore, device: str | torch.device
         raise CheckpointError(f"{uri}: weights do not fit {CONFIG_FILE} (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
     model = model.to(device=device, dtype=dtype or next(iter(state.values())).dtype if state else torch.float32)
-    return TextCheckpoint(model.eval(), tokenizer, meta or {}, uri)
+    return TextCheckpoint(model.eval(), tokenizer, meta or {}, uri), _files_digest(digests)
+
+
+def load_checkpoint(uri: str, store: CheckpointStore, device: str | torch.device = "cpu", *,
+                    require_metadata: bool = True, dtype: torch.dtype | None = None) -> TextCheckpoint:  # fmt: skip
+    """Rebuild a text model from its directory. With metadata.json (aigc-dist's own, required by
+    engines by default) every file is checked against its recorded sha256. A LoRA adapter directory
+    (adapter_config.json, PEFT's layout) loads as its base with the adapter merged in (`hf_adapter.py`)."""
+    meta = _read_metadata(uri, store, required=require_metadata)
+    config_data = _read(store, uri, CONFIG_FILE)
+    if config_data is None and _read(store, uri, ADAPTER_CONFIG_FILE) is not None:
+        from aigc_dist.models.hf_adapter import load_adapter  # hf_adapter builds on this module
+
+        return load_adapter(uri, store, device, meta, dtype)
+    return _load_whole(uri, store, device, meta, dtype, config_data)[0]
