@@ -29,8 +29,15 @@ from torch import nn
 
 from aigc_dist.models.cgan import CGANConfig, Generator
 from aigc_dist.models.cvae import CVAE, CVAEConfig
-from aigc_dist.models.hf_format import METADATA_FORMAT, CheckpointError, TextCheckpoint, load_checkpoint
-from aigc_dist.models.tokenizer import TextTokenizer
+from aigc_dist.models.hf_format import (
+    METADATA_FORMAT,
+    CheckpointError,
+    TextCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from aigc_dist.models.llama import LlamaLM
+from aigc_dist.models.tokenizer import TextTokenizer, byte_level_tokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE = "config.json", "model.safetensors", "metadata.json"
@@ -136,6 +143,15 @@ def save_artifact(
     store.write_bytes(_join(uri, CONFIG_FILE), config_bytes)
     store.write_bytes(_join(uri, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
     return meta
+
+
+def save_text_artifact(uri: str, model: LlamaLM, store: ArtifactStore, *, tokenizer: TextTokenizer | None = None,
+                       conditioning: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:  # fmt: skip
+    """A text model as a Hugging Face directory, its prompt template (`conditioning`) in metadata.json;
+    the project's byte-level tokenizer unless another is given. Returns the metadata written."""
+    tokenizer = tokenizer or byte_level_tokenizer(model.config.max_position_embeddings)
+    return save_checkpoint(uri, model, tokenizer, store, metadata={**(metadata or {}), **(conditioning or {})})
 
 
 def text_artifact(checkpoint: TextCheckpoint) -> Artifact:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 # Rope scaling types implemented here; others (yarn, dynamic, longrope) are refused by name.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-BYTE_VOCAB_SIZE = 264  # the project's byte-level tokenizer: 256 bytes + 8 special tokens
+# The project's byte-level tokenizer (models/tokenizer.py): 256 bytes + 8 special tokens, <pad> <bos> <eos> first.
+BYTE_VOCAB_SIZE, BYTE_PAD_ID, BYTE_BOS_ID, BYTE_EOS_ID = 264, 256, 257, 258
 
 
 def _is_int(value: Any) -> bool:
@@ -53,9 +54,10 @@ class LMConfig:
     mlp_bias: bool = False
     attention_dropout: float = 0.0  # on attention weights (training only)
     initializer_range: float = 0.02  # std of the normal init of Linear and Embedding weights
-    bos_token_id: int | None = None
-    eos_token_id: list[int] = field(default_factory=list)  # generation stops at any of them
-    pad_token_id: int | None = None
+    # Defaults are the byte-level tokenizer's, like vocab_size; a checkpoint's config.json sets its own.
+    bos_token_id: int | None = BYTE_BOS_ID
+    eos_token_id: list[int] = field(default_factory=lambda: [BYTE_EOS_ID])  # generation stops at any of them
+    pad_token_id: int | None = BYTE_PAD_ID
 
     def __post_init__(self) -> None:
         if self.model_type not in ("llama", "qwen2"):

@@ -25,11 +25,11 @@ from aigc_dist.config import BackfillConfig, DataConfig
 from aigc_dist.data.prompts import PromptTemplate, encode_example
 from aigc_dist.data.synthetic import CATEGORIES, WorldConfig, make_world, write_world
 from aigc_dist.engine.text import prompt_conditioning
-from aigc_dist.models.artifact import save_artifact
+from aigc_dist.models.artifact import save_artifact, save_text_artifact
 from aigc_dist.models.cgan import CGANConfig, Generator
-from aigc_dist.models.lm import LMConfig, TransformerLM
+from aigc_dist.models.llama import LlamaLM, LMConfig
 from aigc_dist.models.lm_train import train_lm
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage, join_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +48,9 @@ class BackfillKit:
     def save_lm_artifact(uri: str, storage: Storage | None = None) -> str:
         """An untrained tiny LM with the byte tokenizer and the test prompt template."""
         torch.manual_seed(0)
-        model = TransformerLM(LMConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=192))
-        save_artifact(uri, "lm", model, storage or Storage(), tokenizer=ByteTokenizer(),
-                      conditioning=prompt_conditioning(TEMPLATE), metadata={"name": "copy-test", "version": "v1"})
+        model = LlamaLM(LMConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=88, max_position_embeddings=192))
+        save_text_artifact(uri, model, storage or Storage(), conditioning=prompt_conditioning(TEMPLATE),
+                           metadata={"name": "copy-test", "version": "v1"})
         return uri
 
     @staticmethod
@@ -109,20 +109,22 @@ def trained_copy_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedCopyM
     """A copy LM trained (plain PyTorch, ~80 s on 2 threads) on 4,000 of COPY_WORLD's 5,000 pairs."""
     world = make_world(COPY_WORLD)
     held_out = frozenset(u["user_id"] for u in world.users.to_pylist()[-COPY_HELD_OUT_USERS:])
-    tokenizer, config = ByteTokenizer(), LMConfig(n_layer=2, n_head=4, d_model=128, max_seq_len=256)
-    examples = [encode_example(u, i, copy, COPY_TEMPLATE, tokenizer, config.max_seq_len)
+    tokenizer, config = byte_level_tokenizer(), LMConfig(num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=4, hidden_size=128,
+                                                         intermediate_size=352, max_position_embeddings=256)
+    examples = [encode_example(u, i, copy, COPY_TEMPLATE, tokenizer, config.max_position_embeddings)
                 for u, i, copy in world.training_records() if u["user_id"] not in held_out]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
-        model = TransformerLM(config)
+        model = LlamaLM(config)
         train_lm(model, examples, steps=600, batch_size=32, lr=3e-3, pad_id=tokenizer.pad_id, seed=0)
     finally:
         torch.set_num_threads(threads)
     uri = str(tmp_path_factory.mktemp("trained") / "copy-lm")
-    save_artifact(uri, "lm", model.eval(), Storage(), tokenizer=tokenizer,
-                  conditioning=prompt_conditioning(COPY_TEMPLATE), metadata={"name": "copy-trained", "version": "v1"})
+    save_text_artifact(uri, model.eval(), Storage(), conditioning=prompt_conditioning(COPY_TEMPLATE),
+                       metadata={"name": "copy-trained", "version": "v1"})
     return TrainedCopyModel(uri, COPY_WORLD, COPY_TEMPLATE, held_out)
 
 

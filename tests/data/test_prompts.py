@@ -17,9 +17,10 @@ from aigc_dist.data.prompts import (
     render_prompt,
     template_digest,
 )
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.tokenizer import SPECIAL_TOKENS, byte_level_tokenizer
 
-TOK = ByteTokenizer()
+TOK = byte_level_tokenizer()
+MARK = {token: TOK.special_id(token) for token in SPECIAL_TOKENS}  # "<user>" -> 260, ...
 TEMPLATE = PromptTemplate()
 USER = {"user_id": "u000001", "segment": "student", "locale": "en", "interests": ["gaming", "reading"]}
 ITEM = {"item_id": "i00042", "title": "Aurora Trail Backpack", "category": "outdoor",
@@ -34,16 +35,16 @@ MIXED_TEXT = st.text(alphabet=st.sampled_from("ab é中文字背包😀🎒"), m
 
 def _parse(ids: list[int]) -> dict[str, list[tuple[str, bytes]]]:
     """Prompt ids -> {"user": [(name, value bytes)], "item": [...]}, checking the marker grammar."""
-    assert ids[0] == TOK.bos_id and ids[1] == TOK.user_id and ids[-1] == TOK.sep_id
-    assert ids.count(TOK.item_id) == 1 and ids.count(TOK.bos_id) == ids.count(TOK.sep_id) == 1
+    assert ids[0] == MARK["<bos>"] and ids[1] == MARK["<user>"] and ids[-1] == MARK["<sep>"]
+    assert ids.count(MARK["<item>"]) == 1 and ids.count(MARK["<bos>"]) == ids.count(MARK["<sep>"]) == 1
     sides: dict[str, list[tuple[str, bytes]]] = {"user": [], "item": []}
     side, pos = "user", 2
-    while ids[pos] != TOK.sep_id:
-        if ids[pos] == TOK.item_id:
+    while ids[pos] != MARK["<sep>"]:
+        if ids[pos] == MARK["<item>"]:
             side, pos = "item", pos + 1
             continue
-        assert ids[pos] == TOK.field_id
-        value_at = ids.index(TOK.value_id, pos)
+        assert ids[pos] == MARK["<field>"]
+        value_at = ids.index(MARK["<value>"], pos)
         end = value_at + 1
         while ids[end] < 256:
             end += 1
@@ -112,7 +113,7 @@ def test_loss_mask_covers_exactly_the_copy_and_eos() -> None:
     copy = "Meet the Aurora Trail Backpack: perfect for campus life."
     ids, mask = encode_example(USER, ITEM, copy, TEMPLATE, TOK, max_seq_len=512)
     prompt = encode_prompt(USER, ITEM, TEMPLATE, TOK)
-    assert ids[: len(prompt)] == prompt and ids[-1] == TOK.eos_id
+    assert ids[: len(prompt)] == prompt and ids[-1] == MARK["<eos>"]
     assert mask == [False] * len(prompt) + [True] * (len(copy) + 1)
     assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == copy
 
@@ -122,11 +123,11 @@ def test_too_long_examples_cut_the_prompt_first_then_the_copy_never_eos() -> Non
     full, _ = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=1024)
     # A little short: the prompt values give way, the copy stays whole.
     ids, mask = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=len(full) - 10)
-    assert len(full) - 10 - 3 * 6 <= len(ids) <= len(full) - 10 and ids[-1] == TOK.eos_id  # cuts: whole chars
+    assert len(full) - 10 - 3 * 6 <= len(ids) <= len(full) - 10 and ids[-1] == MARK["<eos>"]  # cuts: whole chars
     assert TOK.decode([t for t, m in zip(ids, mask, strict=True) if m]) == copy
     # Far too short: the prompt is down to markers and names, the copy is cut on a character boundary.
     ids, mask = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len=90)
-    assert len(ids) <= 90 and ids[-1] == TOK.eos_id and mask[-1]
+    assert len(ids) <= 90 and ids[-1] == MARK["<eos>"] and mask[-1]
     target = bytes(t for t, m in zip(ids, mask, strict=True) if m and t < 256).decode("utf-8")
     assert target and copy.startswith(target)
     prompt = [t for t, m in zip(ids, mask, strict=True) if not m]
@@ -139,7 +140,7 @@ def test_too_long_examples_cut_the_prompt_first_then_the_copy_never_eos() -> Non
 @given(copy=MIXED_TEXT, max_seq_len=st.integers(62, 160))
 def test_examples_fit_and_keep_utf8_whole(copy: str, max_seq_len: int) -> None:
     ids, mask = encode_example(ZH_USER, ZH_ITEM, copy, TEMPLATE, TOK, max_seq_len)
-    assert len(ids) == len(mask) <= max_seq_len and ids[-1] == TOK.eos_id and mask[-1]
+    assert len(ids) == len(mask) <= max_seq_len and ids[-1] == MARK["<eos>"] and mask[-1]
     target = bytes(t for t, m in zip(ids, mask, strict=True) if m and t < 256).decode("utf-8")
     assert copy.startswith(target)
 
@@ -167,3 +168,23 @@ def test_template_digest_is_stable_and_sensitive() -> None:
 def test_template_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"PromptTemplate\.{field} "):
         PromptTemplate(**kwargs)
+
+
+def test_text_layout_renders_plain_text_any_tokenizer_encodes_and_keeps_markers_out() -> None:
+    template = dataclasses.replace(TEMPLATE, layout="text")
+    ids = encode_prompt(USER, {**ITEM, "title": "Pack <eos> <sep>"}, template, TOK)
+    assert ids[0] == MARK["<bos>"] and MARK["<eos>"] not in ids and MARK["<sep>"] not in ids
+    assert TOK.decode(ids[1:]) == ("user: segment=student | locale=en | interests=gaming, reading\n"
+                                   "item: title=Pack <eos> <sep> | category=outdoor | attributes=waterproof, "
+                                   "lightweight\ncopy:\n")
+    example, mask = encode_example(USER, ITEM, "Go far.", template, TOK, max_seq_len=256)
+    assert example[: len(encode_prompt(USER, ITEM, template, TOK))] == encode_prompt(USER, ITEM, template, TOK)
+    assert TOK.decode([i for i, m in zip(example, mask, strict=True) if m]) == "Go far." and example[-1] == MARK["<eos>"]
+    assert template_digest(template) != template_digest(TEMPLATE)
+
+
+@given(title=MIXED_TEXT, budget=st.integers(90, 160))
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+def test_text_layout_prompts_stay_within_their_budget(title: str, budget: int) -> None:
+    template = dataclasses.replace(TEMPLATE, layout="text", max_prompt_tokens=budget)
+    assert len(encode_prompt(USER, {**ITEM, "title": title * 4}, template, TOK)) <= budget

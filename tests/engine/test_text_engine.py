@@ -7,13 +7,14 @@ import torch
 
 from aigc_dist.data.prompts import PromptTemplate, encode_prompt
 from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.engine.decode import DecodeRequest, decode_stream
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning
-from aigc_dist.models.artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from aigc_dist.models.lm import LMConfig, TransformerLM
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.artifact import Artifact, ArtifactError, load_artifact, save_artifact, save_text_artifact
+from aigc_dist.models.llama import LlamaLM, LMConfig
+from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage, join_uri
 
-TOK = ByteTokenizer()
+TOK = byte_level_tokenizer()
 TEMPLATE = PromptTemplate(max_field_chars=24, max_prompt_tokens=128)
 
 
@@ -25,7 +26,8 @@ def world():
 @pytest.fixture(scope="module")
 def artifact() -> Artifact:
     torch.manual_seed(0)
-    model = TransformerLM(LMConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=192)).eval()
+    model = LlamaLM(LMConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=88,
+                             max_position_embeddings=192)).eval()
     meta = {"name": "t", "version": "v1", "digest": "0" * 64}
     return Artifact("lm", model, model.config, TOK, prompt_conditioning(TEMPLATE), meta)
 
@@ -39,14 +41,26 @@ def requests_for(world, n: int, sampling: SamplingParams) -> list[TextRequest]:
     ]
 
 
-def test_engine_equals_direct_model_call(world, artifact):
+def greedy_reference(model: LlamaLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by full recompute of the sequence per token: no cache, no batching, no layout."""
+    ids: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([prompt + ids]))[0][0, -1].argmax())
+            if token == TOK.eos_id:
+                break
+            ids.append(token)
+    return ids
+
+
+def test_engine_equals_direct_decode_of_its_prompts(world, artifact):
     sampling = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50)
     requests = requests_for(world, 6, sampling)
     results = TextEngine(artifact).generate(requests)
     prompts = [encode_prompt(r.user, r.item, TEMPLATE, TOK) for r in requests]
-    direct = artifact.model.generate(
-        prompts, max_new_tokens=16, temperature=0.9, top_k=50, eos_id=TOK.eos_id, seeds=[r.seed for r in requests]
-    )
+    decode = [DecodeRequest(p, 16, 0.9, 50, None, r.seed) for p, r in zip(prompts, requests, strict=True)]
+    direct = dict(decode_stream(artifact.model, decode, slots=2, eos_ids=[TOK.eos_id]))
+    direct = [direct[i] for i in range(len(decode))]
     assert [r.text for r in results] == [TOK.decode(t) for t in direct]
     assert [r.num_tokens for r in results] == [len(t) for t in direct]
     assert all(r.error is None and r.prompt_tokens == len(p) for r, p in zip(results, prompts, strict=True))
@@ -91,7 +105,7 @@ def test_sampling_params_are_validated():
 
 def test_engine_from_s3_artifact_matches_in_memory(world, artifact, s3_bucket):
     storage, uri = Storage(), join_uri(s3_bucket, "models", "t", "v1")
-    save_artifact(uri, "lm", artifact.model, storage, tokenizer=TOK, conditioning=prompt_conditioning(TEMPLATE))
+    save_text_artifact(uri, artifact.model, storage, conditioning=prompt_conditioning(TEMPLATE))
     requests = requests_for(world, 4, SamplingParams(max_new_tokens=10, temperature=0.7))
     from_s3 = TextEngine.from_uri(uri, storage).generate(requests)
     assert [r.text for r in from_s3] == [r.text for r in TextEngine(artifact).generate(requests)]
@@ -104,7 +118,7 @@ def test_engine_refuses_wrong_artifacts(tmp_path, artifact):
     save_artifact(str(tmp_path / "gan"), "cgan", Generator(CGANConfig()), storage)
     with pytest.raises(ArtifactError, match="needs an lm artifact"):
         TextEngine(load_artifact(str(tmp_path / "gan"), storage))
-    save_artifact(str(tmp_path / "lm"), "lm", artifact.model, storage, tokenizer=TOK)  # no template
+    save_text_artifact(str(tmp_path / "lm"), artifact.model, storage)  # no template
     with pytest.raises(ArtifactError, match="prompt_template"):
         TextEngine(load_artifact(str(tmp_path / "lm"), storage))
 
@@ -125,8 +139,7 @@ def test_a_request_gets_the_same_copy_alone_static_and_continuous(world, artifac
     results = TextEngine(artifact, max_batch_size=3).generate(greedy)
     for request, result in zip(greedy, results, strict=True):
         prompt = encode_prompt(request.user, request.item, TEMPLATE, TOK)
-        expected = artifact.model.generate([prompt], request.sampling.max_new_tokens, temperature=0,
-                                           eos_id=TOK.eos_id, use_cache=False)[0]  # fmt: skip
+        expected = greedy_reference(artifact.model, prompt, request.sampling.max_new_tokens)
         assert result.text == TOK.decode(expected)
         assert result.finished == (len(expected) < request.sampling.max_new_tokens)
 
@@ -139,7 +152,7 @@ def test_scheduling_is_validated(artifact):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_on_cuda(world, artifact, dtype):
-    model = TransformerLM(artifact.model_config).to("cuda", dtype).eval()
+    model = LlamaLM(artifact.model_config).to("cuda", dtype).eval()
     model.load_state_dict(artifact.model.state_dict())
     on_gpu = Artifact("lm", model, model.config, TOK, artifact.conditioning, artifact.metadata)
     requests = requests_for(world, 10, SamplingParams(max_new_tokens=24, temperature=0.8))

@@ -1,6 +1,6 @@
 """Quality of the text generator: trained from scratch on CPU, it writes grounded copy for new pairs.
 
-The byte-level TransformerLM is trained with plain PyTorch (`train_lm`) on the synthetic world's
+The byte-level Llama-family LM (preset `mini`) is trained with plain PyTorch (`train_lm`) on the synthetic world's
 reference copy and judged on held-out (user, item) pairs: pairs it never saw, though their users and
 items appear in other training pairs. An untrained model of the same shape is the control that shows
 the grounding metric can fail.
@@ -25,16 +25,17 @@ import torch
 from aigc_dist.data.prompts import PromptTemplate, encode_example, encode_prompt
 from aigc_dist.data.synthetic import WorldConfig, make_world
 from aigc_dist.evaluation.text import evaluate_text, perplexity
-from aigc_dist.models.lm import LMConfig, TransformerLM
+from aigc_dist.engine.decode import DecodeRequest, decode_stream
+from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.models.lm_train import collate_examples, lm_loss, train_lm
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.tokenizer import byte_level_tokenizer
 
 Record = tuple[dict[str, Any], dict[str, Any], str]  # user features, item features, reference copy
 
-TOK = ByteTokenizer()
+TOK = byte_level_tokenizer()
 WORLD = WorldConfig(num_users=400, num_items=120, candidates_per_user=8, seed=0)  # 3,200 pairs
 TEMPLATE = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"))
-MODEL = LMConfig(n_layer=2, n_head=4, d_model=128, max_seq_len=256)  # ~430k parameters
+MODEL = lm_config_from_preset("mini")  # ~436k parameters
 HELD_OUT = 200  # pairs kept out of training; the other 3,000 train
 MAX_NEW_TOKENS = 120  # the longest reference copy is 106 bytes
 
@@ -59,21 +60,22 @@ def two_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def new_model() -> TransformerLM:
+def new_model() -> LlamaLM:
     """The model under test, freshly initialised: the same weights for the trained and the control run."""
     torch.manual_seed(0)
-    return TransformerLM(MODEL)
+    return LlamaLM(MODEL)
 
 
-def score(model: TransformerLM, records: list[Record], temperature: float = 0.0) -> dict[str, float]:
+def score(model: LlamaLM, records: list[Record], temperature: float = 0.0) -> dict[str, float]:
     """Text measures of the copy for `records` (greedy unless a temperature is given, then seeded),
     plus the loss and perplexity of their reference copy."""
     users, items = [u for u, _, _ in records], [i for _, i, _ in records]
     prompts = [encode_prompt(u, i, TEMPLATE, TOK) for u, i, _ in records]
-    seeds = list(range(len(prompts)))
-    outputs = model.generate(prompts, MAX_NEW_TOKENS, temperature=temperature, eos_id=TOK.eos_id, seeds=seeds)
+    requests = [DecodeRequest(p, MAX_NEW_TOKENS, temperature, seed=s) for s, p in enumerate(prompts)]
+    finished = dict(decode_stream(model.eval(), requests, slots=64, eos_ids=[TOK.eos_id]))
+    outputs = [finished[i] for i in range(len(requests))]
     scores = evaluate_text([TOK.decode(ids) for ids in outputs], users, items)
-    examples = [encode_example(u, i, c, TEMPLATE, TOK, MODEL.max_seq_len) for u, i, c in records]
+    examples = [encode_example(u, i, c, TEMPLATE, TOK, MODEL.max_position_embeddings) for u, i, c in records]
     model.eval()
     with torch.no_grad():
         loss = lm_loss(model, collate_examples(examples, TOK.pad_id)).item()
@@ -104,7 +106,7 @@ def test_trained_model_grounds_copy_for_held_out_pairs(split) -> None:
     # Seeds 0-4 (init, batch order and split): grounding 0.98-0.995 against the 0.9 bar,
     # personalization 0.40-0.85, loss 0.087-0.104, repetition <= 0.07.
     train, held_out = split
-    examples = [encode_example(u, i, c, TEMPLATE, TOK, MODEL.max_seq_len) for u, i, c in train]
+    examples = [encode_example(u, i, c, TEMPLATE, TOK, MODEL.max_position_embeddings) for u, i, c in train]
     model = new_model()
     start = time.perf_counter()
     losses = train_lm(model, examples, steps=600, batch_size=32, lr=3e-3, pad_id=TOK.pad_id, seed=0)

@@ -14,10 +14,9 @@ import torch
 from aigc_dist.config import AigcConfig
 from aigc_dist.data.prompts import PromptTemplate
 from aigc_dist.engine.text import prompt_conditioning
-from aigc_dist.models.artifact import save_artifact
+from aigc_dist.models.artifact import save_artifact, save_text_artifact
 from aigc_dist.models.cgan import CGANConfig, Generator
-from aigc_dist.models.lm import LMConfig, TransformerLM
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.llama import LlamaLM, LMConfig
 from aigc_dist.storage import Storage
 
 TEMPLATE = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"),
@@ -30,9 +29,9 @@ SERVE_DEFAULTS: dict[str, Any] = {"cpus_per_replica": 0.5, "default_max_new_toke
 def save_lm(uri: str, version: str, seed: int = 0) -> str:
     """An untrained 2-layer LM: its copy is noise, but noise that a seed makes exactly reproducible."""
     torch.manual_seed(seed)
-    model = TransformerLM(LMConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=160))
-    save_artifact(uri, "lm", model, Storage(), tokenizer=ByteTokenizer(), conditioning=prompt_conditioning(TEMPLATE),
-                  metadata={"name": "copy-test", "version": version})
+    model = LlamaLM(LMConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=88, max_position_embeddings=160))
+    save_text_artifact(uri, model, Storage(), conditioning=prompt_conditioning(TEMPLATE),
+                       metadata={"name": "copy-test", "version": version})
     return uri
 
 
