@@ -40,9 +40,8 @@ from aigc_dist.config import BackfillConfig, DataConfig, StorageConfig
 from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning
-from aigc_dist.models.artifact import load_artifact, save_artifact
-from aigc_dist.models.lm import TransformerLM, lm_config_from_preset
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.artifact import load_artifact, save_text_artifact
+from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.storage import Storage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "backfill_pipeline.json"
@@ -105,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_world(world, work / "world")
     template = PromptTemplate(max_field_chars=32, max_prompt_tokens=160)
     torch.manual_seed(0)
-    model = TransformerLM(lm_config_from_preset("tiny"))
+    model = LlamaLM(lm_config_from_preset("tiny"))
     artifact = str(work / "copy-lm")
-    save_artifact(artifact, "lm", model, Storage(), tokenizer=ByteTokenizer(),
-                  conditioning=prompt_conditioning(template), metadata={"name": "bench", "version": "v1"})
+    save_text_artifact(artifact, model, Storage(), conditioning=prompt_conditioning(template),
+                       metadata={"name": "bench", "version": "v1"})
     rows = world.candidates.num_rows
     shard_rows = max(1, rows // (args.actors * args.shards_per_actor))
     backfill = BackfillConfig(run_id="bench", output=str(work / "out"), artifact=artifact, batch_size=args.batch_size,

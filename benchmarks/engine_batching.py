@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from aigc_dist.models.lm import TransformerLM, lm_config_from_preset
-from aigc_dist.models.lm_decode import DecodeRequest, decode_stream
-from aigc_dist.models.lm_layout import prepare_for_decode
+from aigc_dist.engine.cpu_layout import prepare_for_decode
+from aigc_dist.engine.decode import DecodeRequest, decode_stream
+from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_batching.json"
 GOAL = 1.5
@@ -52,7 +52,7 @@ def heavy_tailed_lengths(n: int, mean: float, seed: int) -> list[int]:
     return [int(min(MAX_NEW, max(1, round(x)))) for x in draws.tolist()]
 
 
-def run(model: TransformerLM, requests: list[DecodeRequest], slots: int, refill: bool) -> dict[str, float]:
+def run(model: LlamaLM, requests: list[DecodeRequest], slots: int, refill: bool) -> dict[str, float]:
     tokens = 0
     started, cpu = time.perf_counter(), time.process_time()
     for index, out in decode_stream(model, requests, slots=slots, refill=refill,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = prepare_for_decode(TransformerLM(lm_config_from_preset("small", max_seq_len=args.prompt + MAX_NEW)))
+    model = prepare_for_decode(LlamaLM(lm_config_from_preset("small", max_position_embeddings=args.prompt + MAX_NEW)))
     lengths = heavy_tailed_lengths(args.requests, args.mean, seed=1)
     g = torch.Generator().manual_seed(2)
     requests = [DecodeRequest([1, *torch.randint(0, 256, (args.prompt - 1,), generator=g).tolist()], n,
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nstatic batching keeps {sum(lengths) / static_row_steps:.0%} of its row-steps useful; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     result = {
-        "model": "lm small preset (random weights), max_seq_len prompt + 1024", "requests": args.requests,
+        "model": "lm small preset (Llama, GQA 6/2 heads, random weights), context prompt + 1024",
+        "requests": args.requests,
         "slots": args.slots, "prompt": args.prompt, "threads": args.threads,
         "lengths": {"distribution": "log-normal sigma 1, cut at [1, 1024]", "mean": sum(lengths) / len(lengths),
                     "max": max(lengths), "values": lengths},

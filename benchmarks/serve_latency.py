@@ -39,9 +39,8 @@ import torch
 from aigc_dist.config import AigcConfig
 from aigc_dist.data.prompts import PromptTemplate
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning
-from aigc_dist.models.artifact import load_artifact, save_artifact
-from aigc_dist.models.lm import LMConfig, TransformerLM
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.artifact import load_artifact, save_text_artifact
+from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.storage import Storage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_latency.json"
@@ -142,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     torch.manual_seed(0)
     template = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"))
-    model = TransformerLM(LMConfig(n_layer=2, n_head=4, d_model=128, max_seq_len=256))  # the demo's size
+    model = LlamaLM(lm_config_from_preset("mini"))  # the demo's size
     artifact = str(work / "copy-lm")
-    save_artifact(artifact, "lm", model, Storage(), tokenizer=ByteTokenizer(),
-                  conditioning=prompt_conditioning(template), metadata={"name": "bench", "version": "v1"})
+    save_text_artifact(artifact, model, Storage(), conditioning=prompt_conditioning(template),
+                       metadata={"name": "bench", "version": "v1"})
     torch.set_num_threads(1)  # as the replica (1 CPU)
     engine = TextEngine(load_artifact(artifact, Storage()))
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rate = {side: statistics.mean(r["requests_per_s"] for r in runs[side]) for side in runs}
     gain = rate["batched"] / rate["single"]
     result = {
-        "model": "lm 2 layers, d_model 128 (428k params, untrained)", "replica_cpus": 1,
+        "model": "lm mini preset (Llama, 2 layers, hidden 128, 436k params, untrained)", "replica_cpus": 1,
         "max_new_tokens": args.max_new_tokens, "overhead": latency, "clients": args.clients,
         "max_batch_size": args.max_batch_size, "saturation_runs": runs, "requests_per_s": rate,
         "batching_gain": gain, "goals": {"overhead_p50_ms": OVERHEAD_GOAL_MS, "batching_gain": BATCHING_GOAL},

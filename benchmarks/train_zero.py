@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from aigc_dist.config import DeepSpeedConfig, TrainConfig
-from aigc_dist.models.lm import TransformerLM, lm_config_from_preset
+from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.train.deepspeed_config import deepspeed_config, lr_scheduler_factory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_zero.json"
@@ -104,17 +104,17 @@ def zero_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     rank = ray.train.get_context().get_world_rank()
     micro, seq, steps, warmup = config["micro_batch"], config["seq_len"], config["steps"], 2
     train = TrainConfig(micro_batch_size=micro, max_steps=100, warmup_steps=0, lr=1e-4)
-    lm = lm_config_from_preset(config["preset"], max_seq_len=seq)
+    lm = lm_config_from_preset(config["preset"], max_position_embeddings=seq)
     engines = {}
     for stage in STAGES:
         torch.manual_seed(0)
-        model = TransformerLM(lm)
+        model = LlamaLM(lm)
         ds = DeepSpeedConfig(zero_stage=stage, zero3_persistence_threshold=0)
         engines[stage], *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), lr_scheduler=lr_scheduler_factory(train),
             config=deepspeed_config(train, ds, world_size=WORKERS, on_gpu=False),
         )  # fmt: skip
-    params = TransformerLM(lm).num_parameters()
+    params = LlamaLM(lm).num_parameters()
     batches = torch.Generator().manual_seed(rank)
     times: dict[int, list[float]] = {stage: [] for stage in STAGES}
     state: dict[int, dict[str, int]] = {}
@@ -145,7 +145,9 @@ def zero_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "params": params,
         "matmul_flops": matmul.item() / WORKERS,
-        "model_flops_per_step": (6 * params + 12 * lm.n_layer * lm.d_model * seq) * micro * seq,  # per rank
+        # per rank: 6 N per token for the weights, 12 L (H hd) T for attention scores and values
+        "model_flops_per_step": (6 * params + 12 * lm.num_hidden_layers * lm.num_attention_heads * lm.head_dim
+                                 * seq) * micro * seq,
         "stages": {
             stage: {
                 "model_state_bytes": int(worst[i, 0]),

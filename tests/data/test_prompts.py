@@ -179,7 +179,8 @@ def test_text_layout_renders_plain_text_any_tokenizer_encodes_and_keeps_markers_
                                    "lightweight\ncopy:\n")
     example, mask = encode_example(USER, ITEM, "Go far.", template, TOK, max_seq_len=256)
     assert example[: len(encode_prompt(USER, ITEM, template, TOK))] == encode_prompt(USER, ITEM, template, TOK)
-    assert TOK.decode([i for i, m in zip(example, mask, strict=True) if m]) == "Go far." and example[-1] == MARK["<eos>"]
+    assert TOK.decode([i for i, m in zip(example, mask, strict=True) if m]) == "Go far."
+    assert example[-1] == MARK["<eos>"]
     assert template_digest(template) != template_digest(TEMPLATE)
 
 
