@@ -31,8 +31,8 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
     world = make_world(trained_copy_model.world)
     write_world(world, path, filesystem=fs)  # 5,000 candidates
     artifact = join_uri(s3_bucket, "models/copy-trained/v1")
-    for name in ("config.json", "model.safetensors", "metadata.json"):  # the artifact travels to S3 like a real one
-        storage.write_bytes(join_uri(artifact, name), Path(trained_copy_model.artifact, name).read_bytes())
+    for file in Path(trained_copy_model.artifact).iterdir():  # the HF directory travels to S3 like a real one
+        storage.write_bytes(join_uri(artifact, file.name), file.read_bytes())
     # Greedy and long enough for a whole copy (the longest reference is 106 bytes).
     backfill = kit.config(join_uri(s3_bucket, "backfills"), artifact, run_id="s3-run", rows_per_file=625,
                           max_new_tokens=120, temperature=0.0)

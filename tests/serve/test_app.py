@@ -109,3 +109,28 @@ def test_models_health_and_openapi(app_url):
     assert requests.get(f"{app_url}/healthz", timeout=30).json()["status"] == "ok"
     schema = requests.get(f"{app_url}/openapi.json", timeout=30).json()
     assert {"/v1/generate", "/v1/images", "/v1/models", "/healthz"} <= set(schema["paths"])
+
+
+def test_a_hugging_face_checkpoint_on_s3_serves_the_same_copy(app_url, serve_cluster, serve_kit, s3_server, s3_bucket):
+    """The text model as a Hugging Face directory on the S3 server: same copy as the local copy of it."""
+    from pathlib import Path
+
+    from aigc_dist.storage import join_uri
+
+    storage, uri = Storage(), join_uri(s3_bucket, "models/copy-test/v1")
+    for file in Path(serve_kit.lm_v1).iterdir():
+        storage.write_bytes(join_uri(uri, file.name), file.read_bytes())
+    config = serve_kit.config(artifact=uri).model_copy(deep=True)
+    config.storage.endpoint_url = s3_server.endpoint_url
+    config.storage.access_key_id, config.storage.secret_access_key = "aigc-test-key", "aigc-test-secret"
+    config.storage.region = "us-east-1"
+    s3_url = serve_cluster.deploy("api-s3", config)
+    try:
+        bodies = [serve_kit.request(user=u, item=i, seed=s, max_new_tokens=10) for u, i, s in [(0, 1, 3), (2, 4, 9)]]
+        from_s3 = serve_kit.post(f"{s3_url}/v1/generate", {"requests": bodies})
+        local = serve_kit.post(f"{app_url}/v1/generate", {"requests": bodies})
+        assert from_s3.status_code == local.status_code == 200, from_s3.text
+        assert [r["content"] for r in from_s3.json()["results"]] == [r["content"] for r in local.json()["results"]]
+        assert from_s3.json()["model"]["digest"] == local.json()["model"]["digest"]
+    finally:
+        serve_cluster.delete("api-s3")
