@@ -10,6 +10,11 @@ Two layouts (`PromptTemplate.layout`):
 
       [bos] "user: name=value | name=value\nitem: name=value | ...\ncopy:\n"
 
+- "chat", a chat model: the same text as one user message, rendered by the checkpoint's own chat
+  template (tokenizer_config.json's `chat_template`, Jinja, with the generation prompt), so the
+  model sees the turn markup it was tuned on. The template's markup is encoded with its special
+  tokens; the message itself never is, so feature values cannot forge a turn.
+
 and for training `encode_example` appends the target copy and the tokenizer's EOS. Values are rendered
 to text (lists joined with ", "), cut to `max_field_chars` characters, then, if the prompt is over its
 token budget, shortened together (see `_fit_values`). Budgets count UTF-8 bytes: exactly the tokens of
@@ -20,9 +25,11 @@ Special tokens enter prompts by id only: text that says "<eos>" stays text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,9 +68,10 @@ class PromptTemplate:
     """Each value is cut to this many characters (code points) before the token budget applies."""
     max_prompt_tokens: int = 192
     """Token budget of the whole prompt, <bos> to <sep> inclusive."""
-    layout: Literal["markers", "text"] = "markers"
+    layout: Literal["markers", "text", "chat"] = "markers"
     """"markers": the project's special tokens (its own models); "text": plain text any tokenizer
-    encodes (checkpoints a user brings, whose vocabulary has no such markers)."""
+    encodes (checkpoints a user brings, whose vocabulary has no such markers); "chat": that text as a
+    user message through the checkpoint's chat template."""
 
     def __post_init__(self) -> None:
         for name in ("user_fields", "item_fields", "required_user_fields", "required_item_fields"):
@@ -78,8 +86,8 @@ class PromptTemplate:
                                  f"(got {sorted(extra)})")
         if self.max_field_chars < 1:
             raise ValueError(f"PromptTemplate.max_field_chars must be >= 1 (got {self.max_field_chars})")
-        if self.layout not in ("markers", "text"):
-            raise ValueError(f"PromptTemplate.layout must be 'markers' or 'text' (got {self.layout!r})")
+        if self.layout not in ("markers", "text", "chat"):
+            raise ValueError(f"PromptTemplate.layout must be 'markers', 'text' or 'chat' (got {self.layout!r})")
         skeleton = _skeleton_tokens([*self.user_fields, *self.item_fields], self.layout)
         if self.max_prompt_tokens < skeleton:
             raise ValueError(f"PromptTemplate.max_prompt_tokens must be >= {skeleton}, the markers and names "
@@ -88,7 +96,7 @@ class PromptTemplate:
 
 def _skeleton_tokens(names: list[str], layout: str = "markers") -> int:
     """Prompt tokens (bytes, at most) besides the values of fields `names`."""
-    if layout == "text":  # + 1 for a BOS the tokenizer may have
+    if layout in ("text", "chat"):  # + 1 for a BOS the tokenizer may have (chat: plus the template's markup)
         return 1 + len(_TEXT_FIXED) + sum(_TEXT_PER_FIELD + len(n.encode("utf-8")) for n in names)
     return _FIXED_TOKENS + sum(2 + len(n.encode("utf-8")) for n in names)
 
@@ -170,7 +178,50 @@ def text_prompt(user: Pairs, item: Pairs) -> str:
     return f"user: {side(user)}\nitem: {side(item)}\ncopy:\n"
 
 
+_CHAT_SLOT = "\x00aigc-dist message\x00"  # stands in for the message while the template renders
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_markup(chat_template: str, bos: str, eos: str) -> tuple[str, str]:
+    """(text before, text after) the user message in the rendered chat template, generation prompt
+    included; rendered as transformers' apply_chat_template does (sandboxed Jinja)."""
+    import jinja2.sandbox
+
+    def raise_exception(message: str) -> None:
+        raise PromptError(f"chat template: {message}")
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
+    rendered = env.from_string(chat_template).render(messages=[{"role": "user", "content": _CHAT_SLOT}],
+                                                     add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    if rendered.count(_CHAT_SLOT) != 1:
+        raise PromptError("chat template: the rendered conversation does not hold the message exactly once")
+    before, after = rendered.split(_CHAT_SLOT)
+    return before, after
+
+
+def _chat_ids(tokenizer: TextTokenizer) -> tuple[list[int], list[int]]:
+    template = tokenizer.chat_template
+    if template is None:
+        raise PromptError(f"{tokenizer.source}: tokenizer_config.json has no chat_template for the prompt "
+                          "layout 'chat'; use layout 'text'")
+    bos, eos = tokenizer.config.get("bos_token") or "", tokenizer.config.get("eos_token") or ""
+    before, after = _chat_markup(template, bos if isinstance(bos, str) else "", eos if isinstance(eos, str) else "")
+    return tokenizer.encode_with_special_tokens(before), tokenizer.encode_with_special_tokens(after)
+
+
+def layout_overhead(tokenizer: TextTokenizer, layout: str) -> int:
+    """Prompt tokens a layout adds beyond `_skeleton_tokens`: the chat template's markup."""
+    if layout != "chat":
+        return 0
+    before, after = _chat_ids(tokenizer)
+    return len(before) + len(after)
+
+
 def _encode_pairs(user: Pairs, item: Pairs, tokenizer: TextTokenizer, layout: str) -> list[int]:
+    if layout == "chat":
+        before, after = _chat_ids(tokenizer)
+        return before + tokenizer.encode(text_prompt(user, item)) + after
     if layout == "text":
         bos = tokenizer.bos_id
         return ([] if bos is None else [bos]) + tokenizer.encode(text_prompt(user, item))
@@ -193,7 +244,8 @@ def encode_prompt(user: Mapping[str, Any], item: Mapping[str, Any], template: Pr
 
     Missing optional fields are skipped; a missing required field raises PromptError naming it.
     """
-    pairs = _fit_values(*_fields(user, item, template), template.max_prompt_tokens, template.layout)
+    budget = template.max_prompt_tokens - layout_overhead(tokenizer, template.layout)
+    pairs = _fit_values(*_fields(user, item, template), budget, template.layout)
     return _encode_pairs(*pairs, tokenizer, template.layout)
 
 
@@ -216,12 +268,13 @@ def encode_example(user: Mapping[str, Any], item: Mapping[str, Any], copy: str, 
     PromptError if max_seq_len cannot hold the prompt's markers and names plus <eos>.
     """
     u, i = _fields(user, item, template)
-    skeleton = _skeleton_tokens([n for n, _ in u + i], template.layout)
+    overhead = layout_overhead(tokenizer, template.layout)
+    skeleton = _skeleton_tokens([n for n, _ in u + i], template.layout) + overhead
     if skeleton + 1 > max_seq_len:
         raise PromptError(f"max_seq_len={max_seq_len} cannot hold the prompt's {skeleton} marker and name "
                           "tokens plus <eos>")
     copy_bytes = len(copy.encode("utf-8"))
-    budget = max(skeleton, min(template.max_prompt_tokens, max_seq_len - copy_bytes - 1))
+    budget = max(skeleton, min(template.max_prompt_tokens, max_seq_len - copy_bytes - 1)) - overhead
     prompt = _encode_pairs(*_fit_values(u, i, budget, template.layout), tokenizer, template.layout)
     copy_ids = tokenizer.encode(_cut_bytes(copy, max_seq_len - len(prompt) - 1))
     ids = prompt + copy_ids + [_eos_id(tokenizer)]

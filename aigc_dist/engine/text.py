@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt
+from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt, layout_overhead
 from aigc_dist.engine.cpu_layout import prepare_for_decode
 from aigc_dist.engine.decode import DecodeRequest, decode_stream
 from aigc_dist.models.artifact import PROMPT_TEMPLATE_KEY, Artifact, ArtifactError, ArtifactStore, load_artifact
@@ -71,6 +71,12 @@ def prompt_template_of(artifact: Artifact) -> PromptTemplate:
 def check_template_fits(template: PromptTemplate, tokenizer: TextTokenizer) -> None:
     """ArtifactError naming the missing tokens when a "markers" template meets a tokenizer without them
     (a checkpoint the user brought): say to use the "text" layout instead."""
+    if template.layout == "chat":
+        try:
+            layout_overhead(tokenizer, "chat")
+        except PromptError as exc:
+            raise ArtifactError(str(exc)) from None
+        return
     if template.layout != "markers":
         return
     missing = [t for t in SPECIAL_TOKENS[1:] if tokenizer.token_id(t) is None]

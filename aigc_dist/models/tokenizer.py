@@ -49,6 +49,7 @@ class TextTokenizer:
         self.config = dict(config or {})
         self.source = source
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._tok_special: Tokenizer | None = None  # a second copy that reads special tokens in text
         # The project's byte-level tokenizer maps byte b to id b: Python's own UTF-8 encoder then gives
         # the same ids several times faster than a call into tokenizers per prompt field.
         probe = "a <eos> é 厨 🍳 \x00\n"
@@ -63,6 +64,14 @@ class TextTokenizer:
         """
         data = text.encode("utf-8")
         return list(data) if self._bytes_are_ids else self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Token ids of text written by a trusted template (a chat template's `<|im_start|>` and the
+        like become their special tokens); never use it on user data."""
+        if self._tok_special is None:
+            self._tok_special = Tokenizer.from_str(self._tok.to_str())
+            self._tok_special.encode_special_tokens = False
+        return self._tok_special.encode(text, add_special_tokens=False).ids
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts in one call (the Rust side runs them together)."""
