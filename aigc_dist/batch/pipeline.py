@@ -52,8 +52,8 @@ from aigc_dist.storage import AlreadyExistsError, Storage, join_uri, parse_uri
 log = logging.getLogger(__name__)
 
 # Environment variable naming a point where the driver SIGKILLs itself ("name" or "name:N" for the
-# N-th time it is reached), or sleeps ("name=sleep:SECONDS", "name:N=sleep:SECONDS"): how the crash
-# and lock tests stop or slow a driver at an exact place.
+# N-th time it is reached), sleeps ("name=sleep:SECONDS") or waits until a file exists
+# ("name=wait:PATH"): how the crash and lock tests stop or slow a driver at an exact place.
 FAILPOINT_ENV = "AIGC_DIST_FAILPOINT"
 _failpoint_hits: dict[str, int] = {}
 # Logical CPUs of the per-shard stages besides the generators (Ray Data must never starve them).
@@ -76,6 +76,11 @@ def _failpoint(name: str) -> None:
     if action.startswith("sleep:"):
         log.warning("failpoint %s reached: the driver sleeps %ss", wanted, action[len("sleep:"):])
         time.sleep(float(action[len("sleep:"):]))
+        return
+    if action.startswith("wait:"):  # as long as a test needs: until the file it names exists
+        log.warning("failpoint %s reached: the driver waits for %s", wanted, action[len("wait:"):])
+        while not os.path.exists(action[len("wait:"):]):
+            time.sleep(0.1)
         return
     log.warning("failpoint %s reached: killing the driver (pid %d)", wanted, os.getpid())
     os.kill(os.getpid(), signal.SIGKILL)
@@ -207,6 +212,7 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
         storage.write_json(layout.plan, plan, if_absent=True)
     except AlreadyExistsError:  # a retried write that landed (or another pass won): the plan is what is there
         plan = storage.read_json(layout.plan)
+    _failpoint("planned")
     return plan
 
 

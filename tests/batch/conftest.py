@@ -152,7 +152,9 @@ class FaultyS3Proxy(ThreadingHTTPServer):
     - every `slow_down_every`-th request is answered 503 SlowDown without reaching S3;
     - every `drop_every`-th request reaches S3, then its connection is closed without an answer;
     - the first exclusive PUT (If-None-Match) of every key reaches S3 and loses its answer too, so
-      every commit marker and lock is created by a retry that finds the object already there.
+      every commit marker and lock is created by a retry that finds the object already there;
+    - the next `conflicts` conditional PUTs (If-None-Match or If-Match) are answered 409
+      ConditionalRequestConflict without reaching S3, as S3 answers one that races another.
     """
 
     daemon_threads = True
@@ -161,6 +163,7 @@ class FaultyS3Proxy(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _FaultyS3Handler)
         self.upstream = urlsplit(upstream)
         self.slow_down_every, self.drop_every = slow_down_every, drop_every
+        self.conflicts = 0
         self.faults: Counter[str] = Counter()
         self._count = itertools.count(1)
         self._exclusive_seen: set[str] = set()
@@ -170,10 +173,13 @@ class FaultyS3Proxy(ThreadingHTTPServer):
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def fault_for(self, method: str, path: str, exclusive: bool) -> str | None:
+    def fault_for(self, method: str, path: str, exclusive: bool, conditional: bool) -> str | None:
         with self._lock:
             n = next(self._count)
-            if method == "PUT" and exclusive and path not in self._exclusive_seen:
+            if method == "PUT" and conditional and self.conflicts > 0:
+                self.conflicts -= 1
+                kind = "409 ConditionalRequestConflict"
+            elif method == "PUT" and exclusive and path not in self._exclusive_seen:
                 self._exclusive_seen.add(path)
                 kind = "lost answer of exclusive PUT"
             elif n % self.slow_down_every == 0:
@@ -205,11 +211,16 @@ class _FaultyS3Handler(BaseHTTPRequestHandler):
 
     def _relay(self) -> None:
         body = self._body()
-        fault = self.server.fault_for(self.command, self.path, "If-None-Match" in self.headers)
-        if fault == "503 SlowDown":
-            payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                       b"<Message>Please reduce your request rate.</Message></Error>")
-            self.send_response(503)
+        fault = self.server.fault_for(self.command, self.path, "If-None-Match" in self.headers,
+                                      "If-None-Match" in self.headers or "If-Match" in self.headers)
+        answers = {"503 SlowDown": (503, b"SlowDown", b"Please reduce your request rate."),
+                   "409 ConditionalRequestConflict": (409, b"ConditionalRequestConflict",
+                                                      b"A conflicting operation is in progress; retry.")}
+        if fault in answers:
+            status, code, message = answers[fault]
+            payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>' + code + b"</Code><Message>" + message
+                       + b"</Message></Error>")
+            self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
