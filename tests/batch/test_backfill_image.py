@@ -24,7 +24,8 @@ def test_image_backfill_writes_decodable_pngs_of_the_item_category(ray_local, tm
     manifest = run_backfill(backfill, kit.world_data(world_dir), StorageConfig())
 
     data, errors = read_output(str(tmp_path / "out" / "banners"))
-    assert manifest["counts"] == {"total": 300, "ok": 300, "quarantined": 0, "filtered": 0, "by_stage": {}}
+    assert manifest["counts"] == {"total": 300, "ok": 300, "quarantined": 0, "filtered": 0, "by_stage": {},
+                                  "profiles": {"users": 0, "items": 0}}
     assert data.num_rows == 300 and errors.num_rows == 0
     items = {i["item_id"]: i for i in pq.read_table(f"{world_dir}/items.parquet").to_pylist()}
     for row in data.to_pylist():
