@@ -35,7 +35,7 @@ from aigc_dist.batch.quality import filter_reason, text_quality
 from aigc_dist.batch.reading import ProfileIndex, read_work_files
 from aigc_dist.config import BackfillConfig, StorageConfig
 from aigc_dist.metrics import ActorMetrics
-from aigc_dist.storage import Storage
+from aigc_dist.storage import Storage, join_uri
 
 _KEY_COLUMNS = [("request_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string())]
 PREPARED_SCHEMA = pa.schema([*_KEY_COLUMNS, ("seed", pa.int64()), ("user", pa.large_string()),
@@ -120,10 +120,13 @@ class ShardPreparer:
         self.template = self.tokenizer = None
         if context.template is not None:
             from aigc_dist.data.prompts import PromptTemplate
-            from aigc_dist.models.tokenizer import ByteTokenizer
+            from aigc_dist.models.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextTokenizer
 
             self.template = PromptTemplate(**context.template)
-            self.tokenizer = ByteTokenizer.from_dict(context.tokenizer)
+            uri = context.tokenizer["uri"]  # the artifact's own tokenizer files: prompts as its engine encodes them
+            self.tokenizer = TextTokenizer.from_files(self.storage.read_bytes(join_uri(uri, TOKENIZER_FILE)),
+                                                      self.storage.read_bytes(join_uri(uri, TOKENIZER_CONFIG_FILE)),
+                                                      uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.prepare(shard) for shard in batch["shard"].to_pylist()]

@@ -24,8 +24,8 @@ import torch
 
 from aigc_dist.data.prompts import PromptTemplate, encode_example, encode_prompt
 from aigc_dist.data.synthetic import WorldConfig, make_world
-from aigc_dist.evaluation.text import evaluate_text, perplexity
 from aigc_dist.engine.decode import DecodeRequest, decode_stream
+from aigc_dist.evaluation.text import evaluate_text, perplexity
 from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.models.lm_train import collate_examples, lm_loss, train_lm
 from aigc_dist.models.tokenizer import byte_level_tokenizer
