@@ -146,22 +146,21 @@ def _fenced(lock: RunLock, storage: Storage) -> None:
 def _record_run(layout: RunLayout, storage: Storage, backfill: BackfillConfig, model: dict[str, Any],
                 identity: dict[str, Any], lock: RunLock) -> dict[str, Any]:
     """`_run.json` of a new run, or the existing one after checking it is the same run."""
-    run_info = {"run_id": backfill.run_id, "mode": backfill.mode, "started_at": time.time(),
-                "model": {k: model[k] for k in ("name", "version", "digest", "kind", "uri")}, **identity}
+    new = {"run_id": backfill.run_id, "mode": backfill.mode, "started_at": time.time(),
+           "model": {k: model[k] for k in ("name", "version", "digest", "kind", "uri")}, **identity}
     if not storage.exists(layout.run_info):
         _fenced(lock, storage)
         try:
-            storage.write_json(layout.run_info, run_info, if_absent=True)
-            return run_info
-        except AlreadyExistsError:  # a retried write that landed, or a fenced driver's: read what is there
+            storage.write_json(layout.run_info, new, if_absent=True)
+            return new
+        except AlreadyExistsError:  # a retried write whose first try landed: what is there tells
             pass
-    if storage.exists(layout.run_info):
-        run_info = storage.read_json(layout.run_info)
-        if run_info["output_digest"] != identity["output_digest"]:
-            raise BackfillError(
-                f"run {backfill.run_id} at {layout.root} was started with another model or other output settings "
-                "(sampling, seed, filters, rows_per_file, batch_size, validation limits); resume it with the "
-                "same config, or use a new backfill.run_id")
+    run_info = storage.read_json(layout.run_info)
+    if run_info["output_digest"] != identity["output_digest"]:
+        raise BackfillError(
+            f"run {backfill.run_id} at {layout.root} was started with another model or other output settings "
+            "(sampling, seed, filters, rows_per_file, batch_size, validation limits); resume it with the "
+            "same config, or use a new backfill.run_id")
     return run_info
 
 
@@ -212,6 +211,7 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
         storage.write_json(layout.plan, plan, if_absent=True)
     except AlreadyExistsError:  # a retried write that landed (or another pass won): the plan is what is there
         plan = storage.read_json(layout.plan)
+        _check_inputs(plan["inputs"], fingerprint, backfill.run_id)
     _failpoint("planned")
     return plan
 
