@@ -37,7 +37,9 @@ def test_second_lock_on_a_live_run_fails_naming_the_holder(lock_uri):
     with RunLock(lock_uri, storage, stale_after_s=60):
         with pytest.raises(RunLockedError, match=f"in use by {socket.gethostname()} pid"):
             RunLock(lock_uri, storage, stale_after_s=60).acquire()
-    RunLock(lock_uri, storage, stale_after_s=60).acquire()  # released on exit
+    again = RunLock(lock_uri, storage, stale_after_s=60)
+    again.acquire()  # released on exit
+    again.release()
 
 
 @pytest.mark.parametrize(
@@ -56,6 +58,7 @@ def test_stale_rule(lock_uri, held, stale):
     if stale:
         lock.acquire()
         assert storage.read_json(lock_uri)["owner"] == lock.owner
+        lock.release()
     else:
         with pytest.raises(RunLockedError):
             lock.acquire()
