@@ -23,7 +23,8 @@ class ModelConfig(Section):
 
     kind: Literal["lm", "cgan", "cvae"] = Field("lm", description="Generator family.")
     preset: str = Field(
-        "tiny", min_length=1, description="Size preset of the generator (lm: tiny, small, base)."
+        "tiny", min_length=1, description="Size preset of the generator (lm: tiny, mini, small, base; unused "
+        "when model.source is set)."
     )
     name: str = Field(
         "copy-lm",
@@ -34,7 +35,30 @@ class ModelConfig(Section):
         "v1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="Artifact version label."
     )
     max_seq_len: int | None = Field(
-        None, ge=16, le=8192, description="Context length override (tokens); None keeps the preset's."
+        None, ge=16, le=131_072, description="Context length override (tokens); None keeps the preset's or "
+        "the source checkpoint's."
+    )
+    source: str | None = Field(
+        None,
+        description="lm: start from this Hugging Face checkpoint (a directory, s3:// URI, or a hub id such as "
+        "Qwen/Qwen2.5-0.5B where the cluster can reach the hub) instead of a preset; llama, qwen2 and "
+        "mistral (no sliding window) architectures. Its config, weights and tokenizer are used; model.preset "
+        "is ignored; max_seq_len may override its context length.",
+    )
+    finetune: Literal["full", "lora"] = Field(
+        "full", description="lm: train every weight (full, under any ZeRO stage) or LoRA adapters only."
+    )
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA: rank r of each adapter.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA: scale alpha (the update is alpha / r * B A).")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="LoRA: names of the Linear layers that get adapters (q_proj ... down_proj).",
+    )
+    lora_export: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="LoRA: export one merged checkpoint, or an adapter directory (PEFT layout) that names "
+        "its base checkpoint and that engines load on top of it.",
     )
     image_size: Literal[8, 16, 32, 64] = Field(16, description="Image side in pixels (cgan/cvae).")
     channels: Literal[1, 3] = Field(1, description="Image channels (cgan/cvae).")
@@ -146,6 +170,13 @@ class DataConfig(Section):
     )
     max_field_chars: int = Field(64, ge=1, le=4096, description="Truncation limit per feature value.")
     max_prompt_tokens: int = Field(192, ge=8, le=8192, description="Truncation limit of a whole prompt.")
+    prompt_layout: Literal["auto", "markers", "text", "chat"] = Field(
+        "auto",
+        description="How features become prompt tokens: markers = the project's special tokens (its own "
+        "tokenizer), text = plain 'user: ... item: ... copy:' text any tokenizer encodes (a checkpoint "
+        "you bring), chat = that text as a user message through the checkpoint's chat template; auto = "
+        "markers when the tokenizer has them, else text.",
+    )
     max_id_chars: int = Field(
         256, ge=1, le=65_536, description="Backfill validation: longer request/user/item ids are quarantined."
     )

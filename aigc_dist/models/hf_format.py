@@ -10,7 +10,8 @@
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`
 open what `save_checkpoint` writes; `load_checkpoint` opens what transformers' `save_pretrained`
 writes (a checkpoint the user brings has no metadata.json: `require_metadata=False`). Architectures
-and options this package cannot run are refused with the file and the field named.
+and options this package cannot run are refused with the file and the field named. A LoRA adapter
+directory (PEFT's layout, `hf_adapter.py`) loads as its base with the adapter merged in.
 
 Pure torch + safetensors + tokenizers: bytes move through a `store` the caller passes
 (`aigc_dist.storage.Storage` satisfies it), so this module never imports an S3 client.

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from aigc_dist.batch.reading import load_profiles
 from aigc_dist.batch.records import ReadLimits
 from aigc_dist.config import ConfigError, DataConfig, StorageConfig
-from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_example
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_example, layout_overhead
+from aigc_dist.models.tokenizer import TextTokenizer
 from aigc_dist.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,33 @@ _REQUIRED_ITEM_FIELDS = ("title",)
 _FEATURE_TABLES: dict[str, dict[Any, dict[str, Any]]] = {}
 
 
-def prompt_template(data: DataConfig) -> PromptTemplate:
-    """The prompt template the `data` section describes (stored in the LM artifact)."""
-    return PromptTemplate(
-        user_fields=tuple(data.user_fields),
-        item_fields=tuple(data.item_fields),
-        required_user_fields=tuple(f for f in _REQUIRED_USER_FIELDS if f in data.user_fields),
-        required_item_fields=tuple(f for f in _REQUIRED_ITEM_FIELDS if f in data.item_fields),
-        max_field_chars=data.max_field_chars,
-        max_prompt_tokens=data.max_prompt_tokens,
-    )
+def prompt_template(data: DataConfig, tokenizer: TextTokenizer | None = None) -> PromptTemplate:
+    """The prompt template the `data` section describes (stored in the LM artifact). Layout "auto":
+    the project's markers when the tokenizer has them, plain text for a checkpoint's own vocabulary."""
+    has_markers = tokenizer is None or tokenizer.token_id("<user>") is not None
+    layout = data.prompt_layout
+    if layout == "auto":
+        layout = "markers" if has_markers else "text"
+    elif layout == "markers" and not has_markers:  # every example would fail to encode, one by one
+        raise ConfigError(f"data.prompt_layout: 'markers' needs the project's special tokens (<user>, <item>, ...), "
+                          f"which {tokenizer.source} lacks; use 'text' or 'auto'")
+    elif layout == "chat" and tokenizer is not None:
+        try:
+            layout_overhead(tokenizer, layout)  # renders the checkpoint's chat template once
+        except PromptError as exc:
+            raise ConfigError(f"data.prompt_layout: {exc}") from None
+    try:
+        return PromptTemplate(
+            layout=layout,
+            user_fields=tuple(data.user_fields),
+            item_fields=tuple(data.item_fields),
+            required_user_fields=tuple(f for f in _REQUIRED_USER_FIELDS if f in data.user_fields),
+            required_item_fields=tuple(f for f in _REQUIRED_ITEM_FIELDS if f in data.item_fields),
+            max_field_chars=data.max_field_chars,
+            max_prompt_tokens=data.max_prompt_tokens,
+        )
+    except ValueError as exc:  # e.g. a budget that the text layout's longer skeleton does not fit
+        raise ConfigError(f"{str(exc).replace('PromptTemplate.', 'data.')} (prompt layout {layout!r})") from None
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class LMEncoding:
 
     template: PromptTemplate
     max_seq_len: int
+    tokenizer_files: tuple[bytes, bytes]  # tokenizer.json, tokenizer_config.json: plain bytes travel to tasks
     users_uri: str | None
     items_uri: str | None
     storage: StorageConfig
@@ -75,13 +93,22 @@ def _feature_table(uri: str, key: str, storage: StorageConfig) -> dict[Any, dict
     return _FEATURE_TABLES[uri]
 
 
+_TOKENIZERS: dict[tuple[bytes, bytes], TextTokenizer] = {}
+
+
+def _tokenizer(files: tuple[bytes, bytes]) -> TextTokenizer:
+    if files not in _TOKENIZERS:  # once per task process, as the feature tables
+        _TOKENIZERS[files] = TextTokenizer.from_files(*files, source="train.tokenizer")
+    return _TOKENIZERS[files]
+
+
 def encode_lm_batch(batch: pa.Table, encoding: LMEncoding) -> pa.Table:
     """Example rows -> `input_ids` (list<int32>), `loss_mask` (list<bool>), `num_tokens`.
 
     Rows that cannot become an example (an id missing from the feature tables, a missing required
     feature) are dropped with a warning: one bad row must not stop a training run.
     """
-    tokenizer = ByteTokenizer()
+    tokenizer = _tokenizer(encoding.tokenizer_files)
     users = _feature_table(encoding.users_uri, "user_id", encoding.storage) if encoding.users_uri else None
     items = _feature_table(encoding.items_uri, "item_id", encoding.storage) if encoding.items_uri else None
     ids_out: list[list[int]] = []
@@ -122,9 +149,12 @@ def _read_parquet(uri: str, storage: Storage) -> Any:
         raise ConfigError(f"train.dataset: cannot read parquet at {uri!r}: {exc}") from exc
 
 
-def lm_dataset(dataset_uri: str, data: DataConfig, max_seq_len: int, storage_config: StorageConfig) -> Any:
+def lm_dataset(dataset_uri: str, data: DataConfig, max_seq_len: int, storage_config: StorageConfig,
+               tokenizer: TextTokenizer, template: PromptTemplate) -> Any:  # fmt: skip
     """The text training examples as a Ray Dataset of token ids (lazy: nothing runs yet)."""
-    encoding = LMEncoding(prompt_template(data), max_seq_len, data.users, data.items, storage_config)
+    files = tokenizer.files()
+    encoding = LMEncoding(template, max_seq_len, (files["tokenizer.json"], files["tokenizer_config.json"]),
+                          data.users, data.items, storage_config)
     ds = _read_parquet(dataset_uri, Storage(storage_config))
     return ds.map_batches(partial(encode_lm_batch, encoding=encoding), batch_format="pyarrow", batch_size=None)
 

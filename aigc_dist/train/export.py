@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from aigc_dist.models.artifact import MODEL_KINDS, save_artifact
-from aigc_dist.models.hf_format import load_checkpoint, save_checkpoint
+from aigc_dist.models.hf_adapter import save_adapter
+from aigc_dist.models.hf_format import peek_checkpoint, save_checkpoint, weights_digest
 from aigc_dist.models.llama import LlamaLM, LMConfig
+from aigc_dist.models.lora import add_lora, merge_lora
 from aigc_dist.models.tokenizer import TextTokenizer, byte_level_tokenizer
 from aigc_dist.storage import Storage, join_uri
 from aigc_dist.train.checkpoints import (
@@ -33,6 +35,7 @@ from aigc_dist.train.checkpoints import (
     find_checkpoint,
     read_trainer_state,
 )
+from aigc_dist.train.sources import fetch_source
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +78,24 @@ def artifact_metadata(state: TrainerState) -> dict[str, Any]:
 def save_trained_artifact(
     uri: str, spec: dict[str, Any], state_dict: dict[str, torch.Tensor], storage: Storage, metadata: dict[str, Any]
 ) -> dict[str, Any]:
-    """Rebuild the model from `spec` (kind, model hyper-parameters, tokenizer, conditioning), load
-    `state_dict` into it strictly, and write the artifact; returns the metadata written."""
+    """Rebuild the model from `spec` (kind, model hyper-parameters, tokenizer, conditioning, LoRA), load
+    `state_dict` into it strictly, and write the artifact; returns the metadata written. A LoRA run
+    writes its adapters merged into one checkpoint, or as an adapter directory on its source."""
     kind = spec["kind"]
     if kind == "lm":
-        model = LlamaLM(LMConfig.from_dict(spec["model"]))
+        model, lora = lm_from_spec(spec), spec.get("lora")
         model.load_state_dict(state_dict, strict=True)
-        meta = save_checkpoint(uri, model.eval(), spec_tokenizer(spec, storage), storage,
-                               metadata={**metadata, **(spec.get("conditioning") or {})})
+        metadata = {**metadata, **(spec.get("conditioning") or {})}
+        tokenizer = spec_tokenizer(spec, storage)
+        if lora is not None and lora["export"] == "adapter":
+            base = spec["source"]
+            meta = save_adapter(uri, model.eval(), tokenizer, storage, targets=lora["targets"], base_uri=base,
+                                base_digest=weights_digest(base, storage), metadata=metadata)
+            log.info("exported lm LoRA adapter %s on %s (digest %s)", uri, base, meta["digest"][:12])
+            return meta
+        if lora is not None:
+            merge_lora(model)
+        meta = save_checkpoint(uri, model.eval(), tokenizer, storage, metadata=metadata)
         log.info("exported lm checkpoint %s (digest %s)", uri, meta["digest"][:12])
         return meta
     config_cls, model_cls = MODEL_KINDS[kind]
@@ -94,11 +107,27 @@ def save_trained_artifact(
     return meta
 
 
+def lm_from_spec(spec: dict[str, Any]) -> LlamaLM:
+    """The trained module's shape (LoRA layers included) with uninitialized weights, for a state dict:
+    random init of a large model would only be overwritten."""
+    config = LMConfig.from_dict(spec["model"])
+    with torch.device("meta"):
+        model = LlamaLM(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:  # to_empty gives the tied name a tensor of its own
+        model.lm_head.weight = model.model.embed_tokens.weight
+    lora = spec.get("lora")
+    if lora is not None:
+        add_lora(model, lora["targets"], lora["rank"], lora["alpha"])
+    return model
+
+
 def spec_tokenizer(spec: dict[str, Any], storage: Storage) -> TextTokenizer:
     """The tokenizer a run trained with: the project's byte-level one, or its source checkpoint's."""
     source = spec.get("tokenizer")
-    return byte_level_tokenizer(spec["model"]["max_position_embeddings"]) if source is None else \
-        load_checkpoint(source, storage, require_metadata=False).tokenizer
+    if source is None:
+        return byte_level_tokenizer(spec["model"]["max_position_embeddings"])
+    return peek_checkpoint(fetch_source(source, weights=False), storage)[1]
 
 
 def consolidated_state_dict(engine_dir: str, zero_stage: int) -> dict[str, torch.Tensor]:

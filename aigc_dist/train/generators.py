@@ -8,6 +8,7 @@ DeepSpeed engines (`engine.backward`, `engine.step`) instead of plain optimizers
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,10 +23,14 @@ from aigc_dist.config import ConfigError, DataConfig, ModelConfig, StorageConfig
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.cgan import CGANConfig, Discriminator, Generator
 from aigc_dist.models.cvae import CVAE, CVAEConfig, elbo_loss
-from aigc_dist.models.llama import LM_PRESETS, LlamaLM, lm_config_from_preset
+from aigc_dist.models.hf_format import load_checkpoint
+from aigc_dist.models.llama import LM_PRESETS, LlamaLM, LMConfig, lm_config_from_preset
 from aigc_dist.models.lm_train import collate_examples, lm_loss
+from aigc_dist.models.lora import add_lora
 from aigc_dist.models.tokenizer import byte_level_tokenizer
+from aigc_dist.storage import Storage
 from aigc_dist.train.datasets import image_dataset, lm_dataset, prompt_template
+from aigc_dist.train.sources import fetch_source, is_hub_id, open_source
 
 # Image generator sizes by preset, as plain data (the LM's are `LM_PRESETS`).
 IMAGE_PRESETS: dict[str, dict[str, dict[str, int]]] = {
@@ -96,27 +101,48 @@ class LMRecipe:
     """The Llama-family LM: prompt (user + item features) -> copy; loss on the copy only.
 
     From a preset with the project's byte-level tokenizer (trained from scratch); `model.source`
-    starts from a Hugging Face checkpoint and its own tokenizer instead."""
+    starts from a Hugging Face checkpoint and its own tokenizer instead (`model.preset` is then
+    unused), training every weight or, with `model.finetune = "lora"`, LoRA adapters only."""
 
     kind = "lm"
     engine_names = ("model",)
     artifact_engine = "model"
     throughput_unit = "tokens"
 
-    def __init__(self, model: ModelConfig, data: DataConfig, train: TrainConfig):
-        if model.preset not in LM_PRESETS:
-            choices = ", ".join(LM_PRESETS)
-            raise ConfigError(f"model.preset: unknown lm preset {model.preset!r}; choose one of {choices}")
-        self.tokenizer = byte_level_tokenizer()
+    def __init__(self, model: ModelConfig, data: DataConfig, train: TrainConfig, storage: StorageConfig | None = None):
+        self.storage = storage or StorageConfig()
+        self.source = model.source
+        _check_finetune(model)  # before any download
         overrides = {"max_position_embeddings": model.max_seq_len} if model.max_seq_len is not None else {}
-        ids = {"bos_token_id": self.tokenizer.bos_id, "eos_token_id": [self.tokenizer.eos_id],
-               "pad_token_id": self.tokenizer.pad_id}  # fmt: skip
-        self.config = lm_config_from_preset(model.preset, **ids, **overrides)
+        if model.source is None:
+            if model.preset not in LM_PRESETS:
+                choices = ", ".join(LM_PRESETS)
+                raise ConfigError(f"model.preset: unknown lm preset {model.preset!r}; choose one of {choices}")
+            self.tokenizer = byte_level_tokenizer()
+            ids = {"bos_token_id": self.tokenizer.bos_id, "eos_token_id": [self.tokenizer.eos_id],
+                   "pad_token_id": self.tokenizer.pad_id}  # fmt: skip
+            self.config = lm_config_from_preset(model.preset, **ids, **overrides)
+        else:
+            config, self.tokenizer = open_source(model.source, self.storage)
+            self.config = dataclasses.replace(config, **overrides)
+        self.lora = _lora_spec(model, self.config)
         self.template = prompt_template(data, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        # Right padding is masked out of the loss, so any id serves where a checkpoint names no pad token.
+        eos = self.config.eos_token_id
+        self.pad_id = next((i for i in (self.tokenizer.pad_id, self.config.pad_token_id, eos[0] if eos else None)
+                            if i is not None), 0)  # fmt: skip
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": LlamaLM(self.config)}
+        """The model, before `deepspeed.initialize`: fresh from the preset, or the source's weights (every
+        rank loads them whole; ZeRO-3 partitions them when the engine is built)."""
+        if self.source is None:
+            return {"model": LlamaLM(self.config)}
+        location = fetch_source(self.source, weights=True)
+        model = load_checkpoint(location, Storage(self.storage), require_metadata=False, dtype=torch.float32).model
+        model.config = self.config  # a max_seq_len override: no weight depends on it
+        if self.lora is not None:
+            add_lora(model, self.lora["targets"], self.lora["rank"], self.lora["alpha"])
+        return {"model": model.train()}
 
     def dataset(self, train: TrainConfig, data: DataConfig, storage: StorageConfig) -> Any:
         return lm_dataset(_dataset_uri(train), data, self.config.max_position_embeddings, storage, self.tokenizer,
@@ -135,9 +161,39 @@ class LMRecipe:
         return {
             "kind": self.kind,
             "model": self.config.to_dict(),
-            "tokenizer": None,  # None: the project's byte-level tokenizer; else the checkpoint URI it came from
+            "tokenizer": self.source,  # None: the project's byte-level tokenizer; else the checkpoint it came from
             "conditioning": prompt_conditioning(self.template),
+            "source": self.source,
+            "lora": self.lora,  # None: every weight trained
         }
+
+
+def _check_finetune(model: ModelConfig) -> None:
+    if model.finetune != "lora":
+        return
+    if model.source is None:
+        raise ConfigError("model.finetune: lora adapts a checkpoint you bring; set model.source (a preset starts "
+                          "from random weights: train it in full)")
+    if model.lora_export == "adapter" and is_hub_id(model.source):
+        raise ConfigError(f"model.lora_export: an adapter names its base, which engines read through storage, and "
+                          f"model.source {model.source!r} is a hub id; copy the base to a path or s3:// URI and "
+                          "set model.source to it, or export lora_export=merged")
+
+
+def _lora_spec(model: ModelConfig, config: LMConfig) -> dict[str, Any] | None:
+    """The LoRA settings a run records for its export, checked on a weightless copy of the model, so a
+    target that matches nothing fails on the driver."""
+    if model.finetune != "lora":
+        return None
+    spec = {"rank": model.lora_rank, "alpha": model.lora_alpha, "targets": list(model.lora_targets),
+            "export": model.lora_export}  # fmt: skip
+    with torch.device("meta"):
+        probe = LlamaLM(config)
+    try:
+        add_lora(probe, spec["targets"], spec["rank"], spec["alpha"])
+    except ValueError as exc:
+        raise ConfigError(f"model.lora_targets: {exc}") from None
+    return spec
 
 
 class _ImageRecipe:
@@ -255,12 +311,12 @@ def _dataset_uri(train: TrainConfig) -> str:
     return train.dataset
 
 
-def make_recipe(
-    model: ModelConfig, data: DataConfig, train: TrainConfig, precision_dtype: torch.dtype = torch.float32
-) -> Recipe:
-    """The recipe for `model.kind`; a `ConfigError` names the field when the preset is unknown."""
+def make_recipe(model: ModelConfig, data: DataConfig, train: TrainConfig, precision_dtype: torch.dtype = torch.float32,
+                storage: StorageConfig | None = None) -> Recipe:  # fmt: skip
+    """The recipe for `model.kind`; a `ConfigError` names the field when the preset, the source
+    checkpoint or the LoRA settings cannot work. `storage` reaches an s3:// model.source."""
     if model.kind == "lm":
-        return LMRecipe(model, data, train)
+        return LMRecipe(model, data, train, storage)
     if model.kind == "cvae":
         return CVAERecipe(model, train, precision_dtype)
     return CGANRecipe(model, train, precision_dtype)

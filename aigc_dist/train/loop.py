@@ -25,7 +25,12 @@ from aigc_dist.config import DataConfig, DeepSpeedConfig, ModelConfig, StorageCo
 from aigc_dist.metrics import ActorMetrics
 from aigc_dist.storage import Storage
 from aigc_dist.train.checkpoints import DEEPSPEED_TAG, TrainerState, check_resumable, checkpoint_dir_name
-from aigc_dist.train.deepspeed_config import deepspeed_config, lr_scheduler_factory, resolve_precision
+from aigc_dist.train.deepspeed_config import (
+    deepspeed_config,
+    lr_scheduler_factory,
+    parameter_groups,
+    resolve_precision,
+)
 from aigc_dist.train.export import artifact_metadata, artifact_uri, gathered_state_dict, save_trained_artifact
 from aigc_dist.train.generators import Recipe, StepResult, make_recipe
 
@@ -151,7 +156,8 @@ class WorkerRun:
         else:
             self.device = torch.device("cpu")
         self.precision = resolve_precision(settings.deepspeed, settings.on_gpu)
-        self.recipe: Recipe = make_recipe(settings.model, settings.data, train, PRECISION_DTYPES[self.precision])
+        self.recipe: Recipe = make_recipe(settings.model, settings.data, train, PRECISION_DTYPES[self.precision],
+                                          settings.storage)
         self.engines = self._build_engines()
         # Rank 0 exports the run's metrics: it times every step and holds the all-reduced figures,
         # where the driver sees only the reports Ray Train takes (at most one per poll interval).
@@ -170,7 +176,7 @@ class WorkerRun:
         for name, module in self.recipe.build_modules().items():
             engine, *_ = deepspeed.initialize(
                 model=module,
-                model_parameters=[p for p in module.parameters() if p.requires_grad],
+                model_parameters=parameter_groups(module, self.s.train.weight_decay),
                 config=dict(ds_config),
                 lr_scheduler=lr_scheduler_factory(self.s.train),
             )

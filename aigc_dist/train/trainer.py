@@ -20,6 +20,7 @@ from aigc_dist.train.checkpoints import check_resumable, find_checkpoint, read_t
 from aigc_dist.train.deepspeed_config import deepspeed_config
 from aigc_dist.train.generators import make_recipe
 from aigc_dist.train.loop import WorkerSettings, train_loop_per_worker
+from aigc_dist.train.sources import absolute_source
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     train, data = _absolute_locations(train, data)
+    model = model.model_copy(update={"source": absolute_source(model.source)})
     # Config errors first, before Ray or any worker starts.
-    recipe = make_recipe(model, data, train)
+    recipe = make_recipe(model, data, train, storage=storage_config)
     if not train.dataset:
         raise ConfigError("train.dataset: required (parquet path or s3:// URI of the training examples)")
     storage = Storage(storage_config)

@@ -6,6 +6,7 @@ CPU with gloo; nothing here fakes a component.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+import torch
 
 from aigc_dist.config import AigcConfig
 from aigc_dist.config.loader import merge
@@ -23,6 +25,7 @@ from aigc_dist.storage import join_uri
 from aigc_dist.train.loop import POLL_INTERVAL_ENV
 
 REPO = Path(__file__).resolve().parents[2]
+HF_EOS = "<|endoftext|>"  # the EOS of TrainKit.write_hf_checkpoint's tokenizer
 # 400 (user, item, copy) examples: 25 steps per epoch at 2 workers x 8.
 TINY_WORLD = WorldConfig(num_users=100, num_items=50, candidates_per_user=4, seed=0)
 
@@ -62,6 +65,30 @@ class TrainKit:
             },
         }  # fmt: skip
         return AigcConfig.model_validate(merge(base, overrides))
+
+    @staticmethod
+    def write_hf_checkpoint(directory: Path, texts: list[str], vocab_size: int = 384) -> None:
+        """A checkpoint as a user brings one: transformers' Qwen2ForCausalLM (grouped-query attention, q/k/v
+        bias, untied head) with random weights, saved by save_pretrained, beside a byte-level BPE trained on
+        `texts` whose only special token is its EOS (no project markers, no pad token). Nothing downloaded."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[HF_EOS], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+        tokenizer.train_from_iterator(texts, trainer)
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None,
+                             eos_token_id=tokenizer.token_to_id(HF_EOS), pad_token_id=None)  # fmt: skip
+        Qwen2ForCausalLM(config).save_pretrained(directory)
+        tokenizer.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": HF_EOS, "model_max_length": 256}))
 
     @staticmethod
     def run(cfg: AigcConfig) -> Any:

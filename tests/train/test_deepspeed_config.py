@@ -110,3 +110,23 @@ def test_schedule_is_warmup_then_cosine_to_the_floor():
     assert rates == pytest.approx(expected)
     assert rates[0] == pytest.approx(train.lr / 4)  # the first step already learns (DeepSpeed's own starts at 0)
     assert max(rates) == pytest.approx(train.lr) and train.lr * 0.1 <= rates[-1] < train.lr * 0.12
+
+
+def test_weight_decay_falls_on_matrices_only_and_frozen_weights_stay_out():
+    from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
+    from aigc_dist.models.lora import add_lora
+    from aigc_dist.train.deepspeed_config import parameter_groups
+
+    model = LlamaLM(lm_config_from_preset("tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {p.dim() for p in decay["params"]} == {2} and {p.dim() for p in no_decay["params"]} == {1}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, _ in model.named_parameters() if "norm" in n}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
+    add_lora(model, ["q_proj"], rank=2, alpha=4.0)
+    [adapters] = parameter_groups(model, 0.1)  # A and B only: no empty no-decay group
+    assert len(adapters["params"]) == 2 * 2 and all(p.requires_grad for p in adapters["params"])
+    # What DeepSpeed builds from the groups on CPU (torch_adam).
+    optimizer = torch.optim.AdamW(parameter_groups(LlamaLM(lm_config_from_preset("tiny")), 0.1))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.preset=huge"], "model.preset: unknown lm preset 'huge'; choose one of tiny, small, base"),
+        (["--model.preset=huge"], "model.preset: unknown lm preset 'huge'; choose one of tiny, mini, small, base"),
         (["--model.kind=cgan", "--model.preset=gigantic"], "model.preset: unknown cgan preset 'gigantic'"),
         ([], "train.dataset: required"),
         (["--train.dataset=x.parquet", "--resume-from=/nonexistent/run"], "train.resume_from: no complete checkpoint"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aigc_dist.models.artifact import load_artifact
-from aigc_dist.models.lm import TransformerLM, lm_config_from_preset
+from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.storage import Storage
 from aigc_dist.train.export import export_checkpoint
 
@@ -38,8 +38,10 @@ def test_zero3_trains_like_zero2_and_exports_the_gathered_weights(ray_local, dee
     merged = load_artifact(merged_uri, storage)  # zero_to_fp32 over both ranks' shards
     assert meta["step"] == gathered.metadata["step"] == 20
     torch.manual_seed(cfg.train.seed)
-    initial = TransformerLM(lm_config_from_preset("tiny", max_seq_len=128)).state_dict()
+    initial = LlamaLM(lm_config_from_preset("tiny", max_position_embeddings=128)).state_dict()
     for name, tensor in gathered.model.state_dict().items():
         assert torch.equal(tensor, merged.model.state_dict()[name]), name
         assert tensor.shape == initial[name].shape  # whole tensors, not one rank's partition
-    assert not torch.equal(gathered.model.state_dict()["wte.weight"], initial["wte.weight"])  # it trained
+    embedding = "model.embed_tokens.weight"  # tied to lm_head: gathered once, exported once
+    assert not torch.equal(gathered.model.state_dict()[embedding], initial[embedding])  # it trained
+    assert gathered.model.lm_head.weight is gathered.model.model.embed_tokens.weight

@@ -9,7 +9,7 @@ import pytest
 
 from aigc_dist.config import ConfigError, DataConfig, StorageConfig
 from aigc_dist.data.prompts import encode_example
-from aigc_dist.models.tokenizer import ByteTokenizer
+from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage
 from aigc_dist.train.checkpoints import TrainerState, check_resumable, find_checkpoint, shard_files
 from aigc_dist.train.datasets import LMEncoding, encode_lm_batch, prompt_template
@@ -23,17 +23,20 @@ def test_examples_are_joined_with_features_and_encoded_like_encode_example(tmp_p
     pq.write_table(pa.table({"user_id": ["u1"], "segment": ["student"], "locale": ["en"]}), users)
     pq.write_table(pa.table({"item_id": ["i1"], "title": ["Trail Pack"], "category": ["outdoor"]}), items)
     data = DataConfig(users=str(users), items=str(items), max_prompt_tokens=64)
-    encoding = LMEncoding(prompt_template(data), 96, data.users, data.items, StorageConfig())
+    tokenizer = byte_level_tokenizer()
+    files = tokenizer.files()
+    encoding = LMEncoding(prompt_template(data, tokenizer), 96, (files["tokenizer.json"],
+                          files["tokenizer_config.json"]), data.users, data.items, StorageConfig())  # fmt: skip
     rows = pa.table({"user_id": ["u1", "u-unknown", "u1"], "item_id": ["i1", "i1", "i1"],
                      "copy": ["Pack it, student.", "dropped", "Go outside."]})  # fmt: skip
     out = encode_lm_batch(rows, encoding)
     assert out.num_rows == 2  # the row whose user is unknown is dropped, not fatal
     ids, mask = encode_example({"segment": "student", "locale": "en"}, {"title": "Trail Pack", "category": "outdoor"},
-                               "Pack it, student.", encoding.template, ByteTokenizer(), 96)  # fmt: skip
+                               "Pack it, student.", encoding.template, tokenizer, 96)  # fmt: skip
     assert out["input_ids"][0].as_py() == ids and out["loss_mask"][0].as_py() == mask
     batch = {name: np.array([np.array(v) for v in out[name].to_pylist()], dtype=object)
              for name in ("input_ids", "loss_mask")}  # fmt: skip
-    tensors = lm_batch_tensors(batch, ByteTokenizer.pad_id)
+    tensors = lm_batch_tensors(batch, tokenizer.pad_id)
     width = max(out["num_tokens"].to_pylist()) - 1  # right-padded to the longest, minus the shift
     assert tensors["input_ids"].shape == tensors["targets"].shape == (2, width)
 
