@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     _add_config_argument(train)
 
-    export = sub.add_parser("export", help="export a training checkpoint as an artifact")
-    _add_export_arguments(export)
+    export = sub.add_parser("export", help="export a training checkpoint as an artifact (or, --to-hf, say "
+                            "what becomes of an artifact of the earlier format)")
+    _add_export_arguments(export, to_hf=True)
     _add_config_argument(export)
 
     _add_job_parsers(sub)
@@ -81,11 +82,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "from when this run has no checkpoint of its own yet")
 
 
-def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
+def _add_export_arguments(parser: argparse.ArgumentParser, to_hf: bool = False) -> None:
+    source = parser.add_mutually_exclusive_group(required=True) if to_hf else parser
+    source.add_argument("--checkpoint", required=not to_hf,
                         help="checkpoint URI, or a run directory (its newest checkpoint is exported)")
+    if to_hf:
+        source.add_argument("--to-hf", metavar="URI",
+                            help="an artifact of aigc-dist's earlier format: image artifacts need nothing; a text "
+                            "model (GPT-style) cannot become a Llama-family checkpoint, and the command says how to "
+                            "retrain it")
     parser.add_argument("--output", help="artifact location (default: <storage_path>/models/<name>/<version> "
-                        "of the run that wrote the checkpoint)")
+                        "of the run that wrote the checkpoint)" + ("; --to-hf writes nothing" if to_hf else ""))
 
 
 def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
@@ -199,6 +206,11 @@ def run_export(cfg: AigcConfig, args: argparse.Namespace) -> int:
     from aigc_dist.storage import Storage
     from aigc_dist.train.export import export_checkpoint
 
+    if args.to_hf:
+        from aigc_dist.train.legacy import convert_to_hf
+
+        print(f"export --to-hf: {convert_to_hf(args.to_hf, Storage(cfg.storage))}")
+        return 0
     uri, meta = export_checkpoint(args.checkpoint, Storage(cfg.storage), args.output)
     print(f"export: step {meta['step']} of run {meta['run']} -> {uri} (digest {meta['digest'][:12]})")
     return 0
