@@ -176,10 +176,21 @@ class SlotCache:
         B, H = self.lens.size(0), self.config.num_key_value_heads
         return torch.arange(B * H, device=self.lens.device).view(B, H) * self.max_len
 
-    def decode_at(self, span: int) -> None:
-        """The next forward appends one token per slot at its length and attends to keys 0..span-1."""
+    def decode_at(self, span: int) -> Tensor | None:
+        """The next forward appends one token per slot at its length and attends to keys 0..span-1.
+
+        Returns the attention mask for it: additive [B, 1, 1, span], 0 up to each slot's own new token and
+        -inf after, or None for a single slot (it sees every key). Additive rather than boolean because
+        scaled_dot_product_attention turns a boolean mask into this one in every layer (two small ops per
+        layer and step); here it is made once a step. The values are the same, so are the outputs.
+        """
         self._slots, self._span = None, span
         self._where = (self._first_rows + self.lens[:, None]).flatten()  # [B * H], once per step
+        if self.lens.size(0) == 1:
+            return None
+        beyond = torch.arange(span, device=self.lens.device) > self.lens[:, None]  # [B, span]
+        return torch.zeros(beyond.shape, dtype=self.k[0].dtype, device=beyond.device).masked_fill_(
+            beyond, float("-inf"))[:, None, None, :]  # fmt: skip
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Prefill: k, v [n, H, P, hd] into the chosen slots' positions 0..P-1, attend within the prompts.
@@ -210,7 +221,9 @@ class _Slots:
         self.temperature = torch.zeros(n, device=device)
         self.top_k = torch.full((n,), vocab, dtype=torch.long, device=device)
         self.top_p = torch.ones(n, device=device)
-        self.uniforms = torch.zeros(n, 1, device=device)  # [n, longest max_new_tokens so far]
+        # [n, longest max_new_tokens so far + 1]: the spare column is where a finished row (steps == limit)
+        # writes and reads until its slot is refilled, so the step needs no clamp of its indices.
+        self.uniforms = torch.zeros(n, 1, device=device)
         self.out = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(n, vocab, device=device)  # next-token logits
 
@@ -218,10 +231,10 @@ class _Slots:
         return [s for s, r in enumerate(self.request) if r is not None]
 
     def widen(self, max_new: int) -> None:
-        """Room for max_new generated tokens per slot."""
-        if self.out.size(1) < max_new:
-            self.uniforms = F.pad(self.uniforms, (0, max_new - self.out.size(1)))
-            self.out = F.pad(self.out, (0, max_new - self.out.size(1)))
+        """Room for max_new generated tokens per slot (and the spare column)."""
+        if self.out.size(1) < max_new + 1:
+            self.uniforms = F.pad(self.uniforms, (0, max_new + 1 - self.out.size(1)))
+            self.out = F.pad(self.out, (0, max_new + 1 - self.out.size(1)))
 
     def keep(self, slots: list[int]) -> None:
         """Keep only the given slots, in that order."""
@@ -288,20 +301,20 @@ def decode_stream(
                 # Each filter sorts the logits of every row: skipped when no live row uses it.
                 top_k = state.top_k if any((r.top_k or vocab) < vocab for r in params) else None
                 top_p = state.top_p if any((r.top_p or 1.0) < 1.0 for r in params) else None
-                B, changed = len(state.request), False
+                changed = False
             token = state.logits.argmax(dim=-1)  # [B]
             if sampling:
                 greedy = state.temperature == 0
-                width = state.uniforms.size(1)
-                u = state.uniforms.gather(1, state.steps.clamp(max=width - 1)[:, None])[:, 0]  # [B]
+                u = state.uniforms.gather(1, state.steps[:, None])[:, 0]  # [B]
                 sampled = sample_tokens(state.logits, u, state.temperature.masked_fill(greedy, 1.0), top_k, top_p)
                 token = torch.where(greedy, token, sampled)
-            state.out.scatter_(1, state.steps.clamp(max=state.out.size(1) - 1)[:, None], token[:, None])
-            state.steps += state.active.long()
-            ended = state.active & (state.steps >= state.limit)
+            state.out.scatter_(1, state.steps[:, None], token[:, None])
+            state.steps += state.active
+            done = state.steps >= state.limit
             if len(stop):
-                ended |= state.active & torch.isin(token, stop)
-            state.active &= ~ended
+                done |= torch.isin(token, stop)
+            ended = state.active & done
+            state.active ^= ended  # ended rows are active ones: this clears them
             step += 1
             for s in ended.nonzero().flatten().tolist():  # the one host sync of a step
                 n = int(state.steps[s])
@@ -311,11 +324,10 @@ def decode_stream(
             if changed and not any(r is not None for r in state.request):
                 continue
             span = offset + step  # the longest live row's length, counting the token it writes now
-            cache.decode_at(span)
-            mask = None if B == 1 else (torch.arange(span, device=device) <= cache.lens[:, None])[:, None, None, :]
+            mask = cache.decode_at(span)
             x = model.hidden(token[:, None], cache.lens[:, None], mask, cache)  # [B, 1, C]
             state.logits = model.lm_head(x[:, 0]).float()
-            cache.lens += state.active.long()
+            cache.lens += state.active
     finally:
         model.train(was_training)
 

@@ -228,9 +228,8 @@ def test_slot_cache_prefill_and_decode_logits_equal_the_forward_and_write_in_pla
             token = torch.tensor([int(model(torch.tensor([s]))[0][0, -1].argmax()) for s in seqs])  # [3]
             for s, t in zip(seqs, token.tolist(), strict=True):
                 s.append(t)
-            cache.decode_at(int(cache.lens.max()) + 1)
-            span = torch.arange(int(cache.lens.max()) + 1)
-            mask = (span <= cache.lens[:, None])[:, None, None, :]  # [3, 1, 1, S]: each row's own keys
+            mask = cache.decode_at(int(cache.lens.max()) + 1)  # [3, 1, 1, S]: each row sees its own keys only
+            assert mask.shape == (3, 1, 1, int(cache.lens.max()) + 1)
             logits = model.lm_head(model.hidden(token[:, None], cache.lens[:, None], mask, cache))[:, 0]  # [3, V]
             cache.lens += 1
             expected = torch.stack([model(torch.tensor([s]))[0][0, -1] for s in seqs])
