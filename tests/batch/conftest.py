@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pytest
 import tomli_w
 import torch
 
+from aigc_dist.batch.layout import RunLayout, read_output
 from aigc_dist.config import BackfillConfig, DataConfig
 from aigc_dist.data.prompts import PromptTemplate, encode_example
 from aigc_dist.data.synthetic import CATEGORIES, WorldConfig, make_world, write_world
@@ -48,7 +50,8 @@ class BackfillKit:
     def save_lm_artifact(uri: str, storage: Storage | None = None) -> str:
         """An untrained tiny LM with the byte tokenizer and the test prompt template."""
         torch.manual_seed(0)
-        model = LlamaLM(LMConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=88, max_position_embeddings=192))
+        model = LlamaLM(LMConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=88,
+                                 max_position_embeddings=192))
         save_text_artifact(uri, model, storage or Storage(), conditioning=prompt_conditioning(TEMPLATE),
                            metadata={"name": "copy-test", "version": "v1"})
         return uri
@@ -78,6 +81,31 @@ class BackfillKit:
                     "data": data.model_dump(mode="json", exclude_none=True)}
         path.write_text(tomli_w.dumps(sections))
         return path
+
+    @staticmethod
+    def outputs(root: Path) -> dict[str, Any]:
+        """Everything a reader of a run sees, keyed by request_id, minus created_at (the wall clock of the
+        attempt that finished the shard: the one column a regenerated shard may differ in)."""
+        data, errors = read_output(str(root))
+        rows = {r["request_id"]: {k: v for k, v in r.items() if k != "created_at"} for r in data.to_pylist()}
+        bad = {(e["request_id"], e["stage"]): e["error"] for e in errors.to_pylist()}
+        assert len(rows) == data.num_rows and len(bad) == errors.num_rows  # no request_id twice
+        return {"data": rows, "errors": bad}
+
+    @staticmethod
+    def unlisted_files(root: Path) -> set[str]:
+        """Files of data/ and errors/ the manifest does not list, and listed files that are missing."""
+        manifest = Storage().read_json(RunLayout(str(root)).manifest)
+        listed = {e["path"] for kind in ("data", "errors") for e in manifest["files"][kind]}
+        present = {str(p.relative_to(root)) for d in ("data", "errors") for p in (root / d).glob("*")}
+        return present ^ listed
+
+    @staticmethod
+    def wait_for(condition: Any, driver: subprocess.Popen, timeout_s: float = 240) -> None:
+        """Poll `condition()` until it holds, the driver process ends, or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        while not condition() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     @staticmethod
     def start_driver(config: Path, log: Path, **env: str) -> subprocess.Popen:
@@ -144,6 +172,20 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def lm_artifact(tmp_path_factory: pytest.TempPathFactory) -> str:
     return BackfillKit.save_lm_artifact(str(tmp_path_factory.mktemp("artifacts") / "copy-lm"))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory, kit: BackfillKit, world_dir: str,
+                      lm_artifact: str) -> dict[str, Any]:
+    """One uninterrupted in-process run of world_dir (6 shards of 50): what crashed, resumed or
+    contested runs of the same input and settings must equal."""
+    from aigc_dist.batch.pipeline import run_backfill
+    from aigc_dist.config import StorageConfig
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_backfill(kit.config(str(out), lm_artifact, run_id="reference", rows_per_file=50), kit.world_data(world_dir),
+                 StorageConfig())
+    return {"root": out / "reference", "outputs": kit.outputs(out / "reference")}
 
 
 class FaultyS3Proxy(ThreadingHTTPServer):

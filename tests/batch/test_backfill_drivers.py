@@ -10,12 +10,11 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
-from aigc_dist.batch.layout import RunLayout, read_commits, read_output
+from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, BackfillError, run_backfill
 from aigc_dist.cli import EXIT_RUN_LOCKED
 from aigc_dist.config import DataConfig, StorageConfig
@@ -24,30 +23,9 @@ from aigc_dist.storage import Storage
 pytestmark = pytest.mark.slow
 
 
-def _outputs(root: Path) -> dict[str, Any]:
-    """What a reader of the run sees, by request_id, without created_at (the wall clock of the attempt)."""
-    data, errors = read_output(str(root))
-    rows = {r["request_id"]: {k: v for k, v in r.items() if k != "created_at"} for r in data.to_pylist()}
-    assert len(rows) == data.num_rows  # no request_id twice
-    return {"data": rows, "errors": sorted((e["request_id"], e["stage"], e["error"]) for e in errors.to_pylist())}
-
-
-def _unlisted_files(root: Path) -> set[str]:
-    manifest = Storage().read_json(RunLayout(str(root)).manifest)
-    listed = {e["path"] for kind in ("data", "errors") for e in manifest["files"][kind]}
-    present = {str(p.relative_to(root)) for d in ("data", "errors") for p in (root / d).glob("*")}
-    return present ^ listed
-
-
-def _wait_for(condition: Any, driver: Any, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def candidates_jsonl(tmp_path_factory, world_dir) -> str:
-    """The world's 300 candidates as jsonl (a text file can be edited in place, same size)."""
+    """The world's 300 candidates as jsonl (a text file is easy to edit in place, same size)."""
     path = tmp_path_factory.mktemp("jsonl") / "candidates.jsonl"
     rows = pq.read_table(Path(world_dir) / "candidates.parquet").to_pylist()
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -59,26 +37,17 @@ def _data(world_dir: str, candidates: str) -> DataConfig:
                       candidates=candidates)
 
 
-@pytest.fixture(scope="module")
-def single_run(ray_local, tmp_path_factory, kit, world_dir, candidates_jsonl, lm_artifact) -> dict[str, Any]:
-    """The output of one uninterrupted driver, for the runs below to equal."""
-    out = tmp_path_factory.mktemp("single")
-    run_backfill(kit.config(str(out), lm_artifact, run_id="single", rows_per_file=100),
-                 _data(world_dir, candidates_jsonl), StorageConfig())
-    return _outputs(out / "single")
-
-
-def test_two_drivers_with_a_slow_partition_pass_only_one_proceeds(single_run, tmp_path, kit, world_dir,
-                                                                   candidates_jsonl, lm_artifact):
+def test_two_drivers_with_a_slow_partition_pass_only_one_proceeds(uninterrupted_run, tmp_path, kit, world_dir,
+                                                                   lm_artifact):
     """The lock is heart-beaten from acquire on: a partition pass much longer than lock_stale_after_s
     keeps it live, so the second driver stops at once instead of taking it over."""
-    backfill = kit.config(str(tmp_path), lm_artifact, run_id="two", rows_per_file=100, lock_stale_after_s=1)
-    config = kit.write_config(tmp_path / "two.toml", backfill, _data(world_dir, candidates_jsonl))
+    backfill = kit.config(str(tmp_path), lm_artifact, run_id="two", rows_per_file=50, lock_stale_after_s=1)
+    config = kit.write_config(tmp_path / "two.toml", backfill, kit.world_data(world_dir))
     layout = RunLayout(str(tmp_path / "two"))
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     release = tmp_path / "partition-may-end"
     first = kit.start_driver(config, first_log, **{FAILPOINT_ENV: f"partition=wait:{release}"})
-    _wait_for(lambda: "failpoint partition=wait" in first_log.read_text(), first)
+    kit.wait_for(lambda: "failpoint partition=wait" in first_log.read_text(), first)
     time.sleep(2)  # twice lock_stale_after_s into the partition pass: without heartbeats the lock is stale now
 
     second = kit.start_driver(config, second_log)
@@ -88,17 +57,17 @@ def test_two_drivers_with_a_slow_partition_pass_only_one_proceeds(single_run, tm
     assert first.wait(timeout=240) == 0, first_log.read_text()[-3000:]
 
     assert "is in use by" in second_log.read_text() and f"pid {first.pid}" in second_log.read_text()
-    assert _outputs(tmp_path / "two") == single_run
-    assert not _unlisted_files(tmp_path / "two") and not (tmp_path / "two" / "_lock").exists()
+    assert kit.outputs(tmp_path / "two") == uninterrupted_run["outputs"]
+    assert not kit.unlisted_files(tmp_path / "two") and not (tmp_path / "two" / "_lock").exists()
     assert not Storage().exists(layout.progress)
 
 
-def test_a_resume_is_refused_when_an_input_file_changed_same_size(single_run, tmp_path, kit, world_dir,
+def test_a_resume_is_refused_when_an_input_file_changed_same_size(uninterrupted_run, tmp_path, kit, world_dir,
                                                                   candidates_jsonl, lm_artifact):
     candidates = tmp_path / "candidates.jsonl"
     original = Path(candidates_jsonl).read_bytes()
     candidates.write_bytes(original)
-    backfill = kit.config(str(tmp_path), lm_artifact, run_id="edited", rows_per_file=100)
+    backfill = kit.config(str(tmp_path), lm_artifact, run_id="edited", rows_per_file=50)
     data = _data(world_dir, str(candidates))
     config = kit.write_config(tmp_path / "edited.toml", backfill, data)
     driver = kit.start_driver(config, tmp_path / "crash.log", **{FAILPOINT_ENV: "planned"})
@@ -116,4 +85,4 @@ def test_a_resume_is_refused_when_an_input_file_changed_same_size(single_run, tm
 
     candidates.write_bytes(original)  # the input the run started with: it resumes
     run_backfill(backfill, data, StorageConfig())
-    assert _outputs(tmp_path / "edited") == single_run
+    assert kit.outputs(tmp_path / "edited") == uninterrupted_run["outputs"]  # the same rows as from parquet

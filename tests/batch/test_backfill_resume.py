@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aigc_dist.batch.layout import RunLayout, read_commits, read_output
+from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, run_backfill
 from aigc_dist.cli import EXIT_RUN_LOCKED, main
 from aigc_dist.config import StorageConfig
@@ -28,38 +28,13 @@ def _config(kit: Any, tmp: Path, world_dir: str, artifact: str, run_id: str) -> 
     return kit.config(str(tmp), artifact, run_id=run_id, rows_per_file=50), kit.world_data(world_dir)
 
 
-def _outputs(root: Path) -> dict[str, Any]:
-    """Everything a reader of the run sees, keyed by request_id, minus the wall-clock columns."""
-    data, errors = read_output(str(root))
-    rows = {r["request_id"]: {k: v for k, v in r.items() if k != "created_at"} for r in data.to_pylist()}
-    bad = {(e["request_id"], e["stage"]): e["error"] for e in errors.to_pylist()}
-    assert len(rows) == data.num_rows and len(bad) == errors.num_rows  # no request_id twice
-    return {"data": rows, "errors": bad}
-
-
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-def _unlisted_files(root: Path) -> set[str]:
-    manifest = Storage().read_json(RunLayout(str(root)).manifest)
-    listed = {e["path"] for kind in ("data", "errors") for e in manifest["files"][kind]}
-    present = {str(p.relative_to(root)) for d in ("data", "errors") for p in (root / d).glob("*")}
-    return present ^ listed
-
-
-@pytest.fixture(scope="module")
-def reference(ray_local, tmp_path_factory, kit, world_dir, lm_artifact) -> dict[str, Any]:
-    """An uninterrupted run, in-process."""
-    out = tmp_path_factory.mktemp("reference")
-    backfill, data = _config(kit, out, world_dir, lm_artifact, "reference")
-    run_backfill(backfill, data, StorageConfig())
-    return {"root": out / "reference", "outputs": _outputs(out / "reference")}
-
-
-def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_output(reference, tmp_path, kit, world_dir,
-                                                                             lm_artifact):
-    before = _snapshot(reference["root"])
+def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_output(uninterrupted_run, tmp_path, kit,
+                                                                             world_dir, lm_artifact):
+    before = _snapshot(uninterrupted_run["root"])
     config = kit.write_config(tmp_path / "crashy.toml", *_config(kit, tmp_path, world_dir, lm_artifact, "crashy"))
     root = tmp_path / "crashy"
     layout, storage = RunLayout(str(root)), Storage()
@@ -79,25 +54,19 @@ def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_output(refe
     driver = kit.start_driver(config, tmp_path / "resume.log")
     assert driver.wait(timeout=240) == 0, (tmp_path / "resume.log").read_text()[-3000:]
 
-    assert _outputs(root) == reference["outputs"]  # 0 missing, 0 duplicates, identical content
-    assert not _unlisted_files(root)  # attempts that never committed were swept
+    assert kit.outputs(root) == uninterrupted_run["outputs"]  # 0 missing, 0 duplicates, identical content
+    assert not kit.unlisted_files(root)  # attempts that never committed were swept
     assert not (root / "_work").exists() and not (root / "_lock").exists()
-    assert _snapshot(reference["root"]) == before  # another run_id was never touched
+    assert _snapshot(uninterrupted_run["root"]) == before  # another run_id was never touched
 
 
-def _wait_for(condition: Any, driver: Any, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def test_second_driver_fails_fast_then_sigkill_from_outside_and_resume(reference, tmp_path, kit, world_dir,
-                                                                        lm_artifact, capsys):
+def test_second_driver_fails_fast_then_sigkill_from_outside_and_resume(uninterrupted_run, tmp_path, kit,
+                                                                        world_dir, lm_artifact, capsys):
     backfill, data = _config(kit, tmp_path, world_dir, lm_artifact, "busy")
     config = kit.write_config(tmp_path / "busy.toml", backfill, data)
     layout, storage = RunLayout(str(tmp_path / "busy")), Storage()
     first = kit.start_driver(config, tmp_path / "first.log")
-    _wait_for(lambda: storage.exists(layout.lock), first)
+    kit.wait_for(lambda: storage.exists(layout.lock), first)
 
     started = time.monotonic()
     assert main(["backfill", "--config", str(config)]) == EXIT_RUN_LOCKED  # same run_id, first one alive
@@ -105,12 +74,13 @@ def test_second_driver_fails_fast_then_sigkill_from_outside_and_resume(reference
     err = capsys.readouterr().err
     assert "is in use by" in err and f"pid {first.pid}" in err
 
-    _wait_for(lambda: read_commits(layout, storage), first)  # mid-stream: some shards committed
+    kit.wait_for(lambda: read_commits(layout, storage), first)  # mid-stream: some shards committed
     os.kill(first.pid, signal.SIGKILL)
     assert first.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
 
     manifest = run_backfill(backfill, data, StorageConfig())  # the dead driver's lock is stale at once
 
     assert manifest["counts"]["total"] == 300
-    assert _outputs(tmp_path / "busy") == reference["outputs"]  # and the run_id does not change the content
-    assert not _unlisted_files(tmp_path / "busy")
+    # and the run_id does not change the content
+    assert kit.outputs(tmp_path / "busy") == uninterrupted_run["outputs"]
+    assert not kit.unlisted_files(tmp_path / "busy")
