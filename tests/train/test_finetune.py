@@ -4,7 +4,8 @@ The checkpoint is made here, as a user's would be (`TrainKit.write_hf_checkpoint
 Qwen2ForCausalLM (grouped-query attention, q/k/v bias, an untied head) with random weights, saved by
 `save_pretrained`, beside a BPE tokenizer trained on the synthetic world's copy (no project markers:
 prompts use the "text" layout; no pad token). Nothing is downloaded. Full fine-tuning under ZeRO-2
-and ZeRO-3, and LoRA with its adapter export: each export opens in transformers, the adapter in peft."""
+and ZeRO-3, and LoRA under ZeRO-3 with its adapter export: each export opens in transformers, the
+adapter in peft."""
 
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ def test_lora_from_s3_trains_adapters_only_and_its_adapter_loads_like_the_merged
         model={"finetune": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_targets": LORA_TARGETS,
                "lora_export": "adapter"},
         train={"lr": 1e-2},
+        # ZeRO-3: the frozen base is partitioned too, gathered for the export, merged by zero_to_fp32.
+        deepspeed={"zero_stage": 3, "zero3_persistence_threshold": 0},
     )  # fmt: skip
     result = train_kit.run(cfg)
     assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.5, result.losses
@@ -131,7 +134,7 @@ def test_lora_from_s3_trains_adapters_only_and_its_adapter_loads_like_the_merged
     local = download_checkpoint(result.checkpoint_uri, storage, str(tmp_path / "checkpoint"), engine="model")
     spec = {**state.artifact, "lora": {**state.artifact["lora"], "export": "merged"}}
     merged_uri = str(tmp_path / "merged")
-    save_trained_artifact(merged_uri, spec, consolidated_state_dict(f"{local}/model", 2), storage, {})
+    save_trained_artifact(merged_uri, spec, consolidated_state_dict(f"{local}/model", 3), storage, {})
     merged = load_artifact(merged_uri, storage)
 
     ids = torch.tensor([adapter.tokenizer.encode("user: segment=student\nitem: title=Trail Pack\ncopy:\n")])
