@@ -144,7 +144,7 @@ class SlotCache:
         self._slots: Tensor | None = None  # prefill: the slots written (index_copy along dim 0)
         self._span = 0  # decode: keys 0..span-1 are attended to
         self._where: Tensor | None = None  # decode: row of each (slot, head) in the flat [B * H * L, hd] cache
-        self._first_rows = self._row_starts()  # [B, H]: flat row of each (slot, head)'s position 0
+        self._reindex()
 
     def grow(self, max_len: int) -> None:
         """Room for max_len tokens per slot: a rare reallocation when a longer request arrives (at
@@ -158,7 +158,7 @@ class SlotCache:
                 cache[layer] = F.pad(old, (0, 0, 0, max_len - self.max_len))
         self.max_len = max_len
         self.rope = rope_table(self.config, max_len, self.lens.device)
-        self._first_rows = self._row_starts()
+        self._reindex()
 
     def keep(self, slots: Tensor) -> None:
         """Keep only the given slots, in that order (compacts the batch when it has emptied)."""
@@ -166,15 +166,21 @@ class SlotCache:
             for layer, old in enumerate(cache):
                 cache[layer] = old.index_select(0, slots)
         self.lens = self.lens.index_select(0, slots)
-        self._first_rows = self._row_starts()
+        self._reindex()
 
     def prefill_into(self, slots: Tensor) -> None:
         """The next forward writes whole prompts into these slots (their positions 0..P-1)."""
         self._slots = slots
 
-    def _row_starts(self) -> Tensor:
+    def _reindex(self) -> None:
+        """What decode steps index, made again when the cache is reallocated: each layer's cache as
+        rows [B * H * L, hd] (the views made once here, not per layer and step), and the flat row of
+        each (slot, head)'s position 0 [B, H]."""
+        hd = self.config.head_dim
+        self._k_rows = [k.view(-1, hd) for k in self.k]
+        self._v_rows = [v.view(-1, hd) for v in self.v]
         B, H = self.lens.size(0), self.config.num_key_value_heads
-        return torch.arange(B * H, device=self.lens.device).view(B, H) * self.max_len
+        self._first_rows = torch.arange(B * H, device=self.lens.device).view(B, H) * self.max_len
 
     def decode_at(self, span: int) -> Tensor | None:
         """The next forward appends one token per slot at its length and attends to keys 0..span-1.
@@ -201,9 +207,9 @@ class SlotCache:
             self.v[layer][:, :, :P].index_copy_(0, self._slots, v)
             return k, v
         B, H, _, hd = k.shape
-        self.k[layer].view(-1, hd).index_copy_(0, self._where, k.reshape(B * H, hd))
-        self.v[layer].view(-1, hd).index_copy_(0, self._where, v.reshape(B * H, hd))
-        return self.k[layer][:, :, : self._span], self.v[layer][:, :, : self._span]
+        self._k_rows[layer].index_copy_(0, self._where, k.reshape(B * H, hd))
+        self._v_rows[layer].index_copy_(0, self._where, v.reshape(B * H, hd))
+        return self.k[layer].narrow(2, 0, self._span), self.v[layer].narrow(2, 0, self._span)
 
 
 class _Slots:
