@@ -89,12 +89,18 @@ def _failpoint(name: str) -> None:
 def describe_artifact(uri: str, storage: Storage) -> dict[str, Any]:
     """What the driver needs of an artifact without loading its weights: kind, identity, template, sizes."""
     from aigc_dist.models.artifact import CONFIG_FILE, METADATA_FILE
+    from aigc_dist.models.hf_format import METADATA_FORMAT as HF_METADATA_FORMAT
 
     try:
         config = storage.read_json(join_uri(uri, CONFIG_FILE))
         meta = storage.read_json(join_uri(uri, METADATA_FILE))
     except FileNotFoundError as exc:
         raise BackfillError(f"backfill.artifact: {uri} is not a complete artifact ({exc} is missing)") from None
+    if meta.get("format") == HF_METADATA_FORMAT:  # a text model: a Hugging Face checkpoint directory
+        return {"kind": "lm", "uri": uri, "name": meta.get("name", "?"), "version": meta.get("version", "?"),
+                "digest": meta["digest"], "max_seq_len": config.get("max_position_embeddings"),
+                "num_classes": None, "template": meta.get("prompt_template"),
+                "tokenizer": {"uri": uri}, "labels": []}
     model = config.get("model", {})
     conditioning = config.get("conditioning") or {}
     return {"kind": config.get("kind"), "uri": uri, "name": meta.get("name", "?"), "version": meta.get("version", "?"),
