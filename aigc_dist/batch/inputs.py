@@ -42,7 +42,7 @@ WORK_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("stage", pa.string()),
 ])
-TableKind = Literal["candidates", "requests", "users", "items"]
+TableKind = Literal["candidates", "requests", "users", "items", "examples"]  # examples: training rows
 _IDENTITY_THREADS = 16  # HEADs (S3) or hashes (local) of many input files at once
 
 
@@ -231,6 +231,8 @@ def check_row(row: dict[str, Any], rules: RowRules) -> str | None:
         checks = [_check_id("request_id", row.get("request_id"), limits, required=False),
                   _check_id("user_id", row.get("user_id"), limits, required=not has_id),
                   _check_id("item_id", row.get("item_id"), limits, required=not has_id)]
+    elif rules.kind == "examples":  # training rows: ids are looked up, not required (features may be inline)
+        checks = []
     else:
         key = "user_id" if rules.kind == "users" else "item_id"
         checks = [_check_id(key, row.get(key), limits)]

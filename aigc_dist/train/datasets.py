@@ -23,8 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aigc_dist.batch.inputs import RowRules, check_row
 from aigc_dist.batch.reading import load_profiles
-from aigc_dist.batch.records import ReadLimits
+from aigc_dist.batch.records import ReadLimits, arrow_records
 from aigc_dist.config import ConfigError, DataConfig, StorageConfig
 from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_example, layout_overhead
 from aigc_dist.models.tokenizer import TextTokenizer
@@ -139,6 +140,19 @@ def encode_lm_batch(batch: pa.Table, encoding: LMEncoding) -> pa.Table:
     )
 
 
+def readable_examples(batch: pa.Table, limits: ReadLimits) -> pa.Table:
+    """The example rows the backfill's reader accepts (cells Arrow can convert, valid UTF-8, bounded
+    nesting, fields and sizes); the others are dropped with a warning naming the first reason, so no
+    row can stop a training run (a string column is not checked for UTF-8 when parquet is read)."""
+    problems = [error or check_row(row, RowRules("examples", limits=limits)) for row, error in
+                arrow_records(batch, limits)]
+    bad = [problem for problem in problems if problem is not None]
+    if not bad:
+        return batch
+    log.warning("dropped %d of %d training rows the reader rejects, e.g. %s", len(bad), batch.num_rows, bad[0])
+    return batch.filter(pa.array([problem is None for problem in problems]))
+
+
 def _read_parquet(uri: str, storage: Storage) -> Any:
     import ray.data
 
@@ -155,7 +169,8 @@ def lm_dataset(dataset_uri: str, data: DataConfig, max_seq_len: int, storage_con
     files = tokenizer.files()
     encoding = LMEncoding(template, max_seq_len, (files["tokenizer.json"], files["tokenizer_config.json"]),
                           data.users, data.items, storage_config)
-    ds = _read_parquet(dataset_uri, Storage(storage_config))
+    ds = _read_parquet(dataset_uri, Storage(storage_config)).map_batches(
+        readable_examples, batch_format="pyarrow", batch_size=None, fn_kwargs={"limits": ReadLimits.of(data)})
     return ds.map_batches(partial(encode_lm_batch, encoding=encoding), batch_format="pyarrow", batch_size=None)
 
 

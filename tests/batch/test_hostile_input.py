@@ -346,3 +346,17 @@ def test_serve_loads_the_same_hostile_profile_tables_and_reports_the_bad_rows(ho
         with pytest.raises(UnknownIdError):
             table.resolve("u_twice" if side == "user" else "i_long", None)  # a rejected id answers as unknown
     assert "users table: 8 rows rejected" in caplog.text and "items table: 6 rows rejected" in caplog.text
+
+
+def test_training_keeps_the_example_rows_the_reader_accepts_and_drops_the_others(caplog):
+    """Training reads its examples (parquet) with the same cell-by-cell conversion and rules."""
+    from aigc_dist.train.datasets import readable_examples
+
+    copies = _string_array(["Pack light.", "Bad \udcff".encode("utf-8", "surrogateescape"), "好 😀", "x" * 5000])
+    batch = pa.table({"user_id": ["u1", "u2", "u3", "u4"], "item_id": ["i1"] * 4, "copy": copies})
+
+    kept = readable_examples(batch, ReadLimits.default())
+
+    assert kept["user_id"].to_pylist() == ["u1", "u3"] and kept["copy"].to_pylist() == ["Pack light.", "好 😀"]
+    assert "dropped 2 of 4 training rows" in caplog.text and "copy: invalid UTF-8" in caplog.text
+
