@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.models.hf_format import load_checkpoint
 from aigc_dist.storage import Storage, join_uri
@@ -37,10 +38,12 @@ def source(tmp_path_factory, tiny_world, train_kit) -> Path:
 
 
 def finetune_config(train_kit, world: Path, storage_path: str, source: str, run: str, **overrides):
-    """TrainKit's LM run on the source checkpoint; the text layout's words need a larger prompt budget."""
+    """TrainKit's LM run on the source checkpoint, one checkpoint at the end; the text layout's words need a
+    larger prompt budget."""
     model = {"source": source, "name": run, "max_seq_len": 192, **overrides.pop("model", {})}
-    return train_kit.lm_config(str(world), storage_path, model=model, train={"run_name": run, **overrides.pop(
-        "train", {})}, data={"max_prompt_tokens": 128}, **overrides)  # fmt: skip
+    train = {"run_name": run, "checkpoint_every_steps": 20, **overrides.pop("train", {})}
+    return train_kit.lm_config(str(world), storage_path, model=model, train=train, data={"max_prompt_tokens": 128},
+                               **overrides)  # fmt: skip
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -76,6 +79,11 @@ def test_full_finetune_zero2_learns_and_exports_a_checkpoint_transformers_opens(
     assert ids[0].tolist() == exported.tokenizer.encode("user: segment=student\nitem: title=Trail Pack\ncopy:\n")
     hf_model = AutoModelForCausalLM.from_pretrained(result.artifact_uri).eval()
     assert torch.allclose(logits(hf_model, ids), logits(exported.model, ids), atol=1e-4)
+    # The engines serve it: prompts in the text layout, the source's tokenizer, its EOS.
+    user = {"segment": "student", "locale": "en", "interests": ["hiking"]}
+    item = {"title": "Aurora Trail Backpack", "category": "outdoor", "attributes": ["light"]}
+    [copy] = TextEngine(exported).generate([TextRequest(user, item, seed=1, sampling=SamplingParams(max_new_tokens=8))])
+    assert copy.error is None and copy.prompt_tokens > 0 and copy.num_tokens > 0
     # Every weight trained, the untied head and the q/k/v biases included.
     start = load_checkpoint(str(source), Storage(), require_metadata=False).model.state_dict()
     trained = exported.model.state_dict()
