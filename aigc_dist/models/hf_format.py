@@ -377,6 +377,19 @@ def peek_checkpoint(uri: str, store: CheckpointStore) -> tuple[LMConfig, TextTok
     return _config_and_tokenizer(uri, store, meta.get("files") if meta else None, {})
 
 
+def model_config_json(uri: str, store: CheckpointStore) -> dict[str, Any]:
+    """config.json of a checkpoint, or of the base an adapter directory names: what describes the model
+    that loads from `uri`, without reading weights (drivers size caches and prompts with it)."""
+    config = _read_json(store, uri, CONFIG_FILE, required=False)
+    if config is not None:
+        return config
+    adapter = _read_json(store, uri, ADAPTER_CONFIG_FILE, required=False)
+    base = (adapter or {}).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{uri} is not a complete checkpoint: {CONFIG_FILE} is missing")
+    return _read_json(store, base, CONFIG_FILE, required=True)
+
+
 def weights_digest(uri: str, store: CheckpointStore) -> str:
     """sha256 over config.json and the weight files of a checkpoint: what an adapter records of its base,
     so that loading it on a base whose weights were replaced fails instead of merging into the wrong model."""

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from aigc_dist.models.hf_adapter import save_adapter
-from aigc_dist.models.hf_format import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
+from aigc_dist.models.hf_format import (
+    CheckpointError,
+    load_checkpoint,
+    model_config_json,
+    save_checkpoint,
+    weights_digest,
+)
 from aigc_dist.models.llama import LlamaLM, LMConfig
 from aigc_dist.models.lora import LoRALinear, adapter_state_dict, add_lora, merge_adapter_weights, merge_lora
 from aigc_dist.models.tokenizer import byte_level_tokenizer
@@ -133,6 +139,12 @@ def test_adapter_directory_loads_merged_and_peft_opens_it_the_same(base_and_adap
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_uri), adapter_uri).eval()
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=batch).logits, expected, atol=1e-4)
+
+
+def test_an_adapter_is_described_by_its_base_config(base_and_adapter):
+    _, base_uri, adapter_uri, _ = base_and_adapter
+    assert model_config_json(adapter_uri, Storage()) == model_config_json(base_uri, Storage())
+    assert model_config_json(adapter_uri, Storage())["num_key_value_heads"] == 2
 
 
 def test_adapter_on_a_replaced_base_is_refused(base_and_adapter):
