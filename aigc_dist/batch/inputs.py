@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from aigc_dist.batch.records import ReadLimits, nesting_depth, printable, raw_json
 from aigc_dist.errors import UserError
@@ -73,9 +74,25 @@ class InputTable:
 
 
 def identify(table: InputTable, storage: Storage) -> InputTable:
-    """The table with the content identity of every file (S3: one HEAD each; local: a streamed sha256)."""
+    """The table with the content identity of every file (S3: one HEAD each; local: a streamed sha256).
+
+    A parquet file is opened too: one that cannot be read at all (corrupt, or a schema nested past
+    parquet's own limit) holds no record to quarantine, and fails here naming it rather than in a
+    read task.
+    """
+    def version(uri: str) -> str:
+        if table.format == "parquet":
+            fs, path = storage.filesystem(uri)
+            try:
+                with fs.open_input_file(path) as fh:
+                    pq.ParquetFile(fh).schema_arrow  # noqa: B018 - reading it is the check
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"data.{table.name}: {uri} cannot be read as parquet ({exc}); fix or remove "
+                                 "the file") from None
+        return storage.content_identity(uri)
+
     with ThreadPoolExecutor(min(_IDENTITY_THREADS, max(1, len(table.files)))) as pool:
-        versions = tuple(pool.map(storage.content_identity, [uri for uri, _ in table.files]))
+        versions = tuple(pool.map(version, [uri for uri, _ in table.files]))
     return replace(table, versions=versions)
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aigc_dist.batch.inputs import RowRules, resolve_input, stable_request_id
+from aigc_dist.batch.inputs import InputError, RowRules, resolve_input, stable_request_id
 from aigc_dist.batch.layout import read_output
 from aigc_dist.batch.pipeline import run_backfill
 from aigc_dist.batch.reading import number_chunks, read_table_rows, text_chunks
@@ -359,4 +359,17 @@ def test_training_keeps_the_example_rows_the_reader_accepts_and_drops_the_others
 
     assert kept["user_id"].to_pylist() == ["u1", "u3"] and kept["copy"].to_pylist() == ["Pack light.", "好 😀"]
     assert "dropped 2 of 4 training rows" in caplog.text and "copy: invalid UTF-8" in caplog.text
+
+
+def test_a_parquet_file_no_reader_can_open_fails_the_run_at_once_naming_it(tmp_path, kit, world_dir, lm_artifact):
+    """Not a record to quarantine: a file that is not parquet at all stops the run before any work."""
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "a.parquet").write_bytes((Path(world_dir) / "items.parquet").read_bytes())
+    (tmp_path / "items" / "b.parquet").write_bytes(b"PAR1 cut short by a failed upload")
+    data = DataConfig(users=str(Path(world_dir) / "users.parquet"), items=str(tmp_path / "items"),
+                      candidates=str(Path(world_dir) / "candidates.parquet"))
+
+    with pytest.raises(InputError, match=rf"data\.items: {tmp_path}/items/b\.parquet cannot be read as parquet"):
+        run_backfill(kit.config(str(tmp_path / "out"), lm_artifact, run_id="torn"), data, StorageConfig())
+    assert not (tmp_path / "out" / "torn").exists()
 
