@@ -90,13 +90,19 @@ def describe_artifact(uri: str, storage: Storage) -> dict[str, Any]:
     """What the driver needs of an artifact without loading its weights: kind, identity, template, sizes."""
     from aigc_dist.models.artifact import CONFIG_FILE, METADATA_FILE
     from aigc_dist.models.hf_format import METADATA_FORMAT as HF_METADATA_FORMAT
+    from aigc_dist.models.hf_format import CheckpointError, model_config_json
 
     try:
-        config = storage.read_json(join_uri(uri, CONFIG_FILE))
         meta = storage.read_json(join_uri(uri, METADATA_FILE))
+        if meta.get("format") == HF_METADATA_FORMAT:  # a text model (or a LoRA adapter on one): HF config.json
+            config = model_config_json(uri, storage)
+        else:
+            config = storage.read_json(join_uri(uri, CONFIG_FILE))
     except FileNotFoundError as exc:
         raise BackfillError(f"backfill.artifact: {uri} is not a complete artifact ({exc} is missing)") from None
-    if meta.get("format") == HF_METADATA_FORMAT:  # a text model: a Hugging Face checkpoint directory
+    except CheckpointError as exc:
+        raise BackfillError(f"backfill.artifact: {exc}") from None
+    if meta.get("format") == HF_METADATA_FORMAT:
         return {"kind": "lm", "uri": uri, "name": meta.get("name", "?"), "version": meta.get("version", "?"),
                 "digest": meta["digest"], "max_seq_len": config.get("max_position_embeddings"),
                 "num_classes": None, "template": meta.get("prompt_template"),

@@ -185,7 +185,8 @@ def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "
     kind = config.get("kind")
     if kind == "lm":
         raise ArtifactError(f"{uri} is a text model in aigc-dist's earlier format; engines load Hugging Face "
-                            f"directories only: convert it once with `aigc-dist export --to-hf {uri}`")
+                            f"directories only; `aigc-dist export --to-hf {uri}` says why it cannot be converted "
+                            "and prints the train overrides that retrain one of its size")
     if kind not in MODEL_KINDS:
         raise ArtifactError(f"{uri}: unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
     config_cls, model_cls = MODEL_KINDS[kind]

@@ -222,15 +222,15 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Any) -> Tensor:
         B, T, _ = x.shape
-        hd = self.head_dim
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         if self.qkv_fused is not None:
-            q, k, v = self.qkv_fused(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+            qk, v = self.qkv_fused(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
+        # q and k heads rotated in one go: half the small ops, which dominate a decode step's time.
+        qk = _apply_rope(qk.view(B, T, H + Hkv, hd), *rope)  # [B, T, H + Hkv, hd]
+        q, k = qk.transpose(1, 2).split([H, Hkv], dim=1)  # [B, H, T, hd], [B, Hkv, T, hd]
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, hd], S = slots attended to
         dropout_p = self.dropout if self.training else 0.0
@@ -324,12 +324,12 @@ class LlamaLM(nn.Module):
         """
         x = self.model.embed_tokens(idx)  # [B, T, C]
         if cache is not None:
-            rope = cache.rope[0][positions].unsqueeze(1), cache.rope[1][positions].unsqueeze(1)  # [B, 1, T, hd]
+            rope = cache.rope[0][positions].unsqueeze(2), cache.rope[1][positions].unsqueeze(2)  # [B, T, 1, hd]
         else:
             # Recomputed per call rather than a buffer: cheap, and casting the model to bf16 or building it
             # on the meta device (ZeRO-3) then needs no fix-up.
             cos, sin = rope_cos_sin(positions, inverse_frequencies(self.config, idx.device))
-            rope = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+            rope = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)  # [B, T, 1, hd]
         for layer in self.model.layers:
             x = layer(x, rope, mask, cache)
         return self.model.norm(x)
