@@ -200,14 +200,17 @@ def _chat_markup(chat_template: str, bos: str, eos: str) -> tuple[str, str]:
     return before, after
 
 
-def _chat_ids(tokenizer: TextTokenizer) -> tuple[list[int], list[int]]:
+# Cached per tokenizer: every prompt of a chat layout needs the markup's ids twice (budget and encoding),
+# and encoding it is two calls into tokenizers.
+@functools.lru_cache(maxsize=16)
+def _chat_ids(tokenizer: TextTokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     template = tokenizer.chat_template
     if template is None:
         raise PromptError(f"{tokenizer.source}: tokenizer_config.json has no chat_template for the prompt "
                           "layout 'chat'; use layout 'text'")
     bos, eos = tokenizer.config.get("bos_token") or "", tokenizer.config.get("eos_token") or ""
     before, after = _chat_markup(template, bos if isinstance(bos, str) else "", eos if isinstance(eos, str) else "")
-    return tokenizer.encode_with_special_tokens(before), tokenizer.encode_with_special_tokens(after)
+    return tuple(tokenizer.encode_with_special_tokens(before)), tuple(tokenizer.encode_with_special_tokens(after))
 
 
 def layout_overhead(tokenizer: TextTokenizer, layout: str) -> int:
@@ -221,7 +224,7 @@ def layout_overhead(tokenizer: TextTokenizer, layout: str) -> int:
 def _encode_pairs(user: Pairs, item: Pairs, tokenizer: TextTokenizer, layout: str) -> list[int]:
     if layout == "chat":
         before, after = _chat_ids(tokenizer)
-        return before + tokenizer.encode(text_prompt(user, item)) + after
+        return [*before, *tokenizer.encode(text_prompt(user, item)), *after]
     if layout == "text":
         bos = tokenizer.bos_id
         return ([] if bos is None else [bos]) + tokenizer.encode(text_prompt(user, item))
