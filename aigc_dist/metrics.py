@@ -239,6 +239,21 @@ class ActorMetrics:
             raise TypeError(f"{name} is a {metric.kind}, not a gauge")
         _ray_metric(metric).set(value, tags)
 
+    @staticmethod
+    def flush() -> None:
+        """Wait until what this process recorded has been exported to the node's metrics agent.
+
+        Ray exports a process's metrics on a timer (`metrics_report_interval_ms`, at least 1 s), so a
+        worker that exits right after its last step would take that step's figures with it. Call
+        this once before a short-lived worker returns.
+        """
+        import time
+
+        import ray
+
+        interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+        time.sleep(1.5 * interval_s)  # one full export after the last record, whatever the timer's phase
+
 
 class DriverMetrics:
     """Records `exporter="driver"` metrics in a job driver; serves them and pushes them."""

@@ -269,6 +269,8 @@ class WorkerRun:
         artifact = self._export(state) if train.export_at_end else None
         if self.rank != 0:
             return None
+        if self.metrics is not None:
+            self.metrics.flush()  # the worker group is torn down when this returns
         return {
             "step": state.step,
             "epoch": state.epoch,
