@@ -241,11 +241,12 @@ class ActorMetrics:
 
     @staticmethod
     def flush() -> None:
-        """Wait until what this process recorded has been exported to the node's metrics agent.
+        """Wait one and a half of Ray's export intervals, so what this process recorded has been exported.
 
         Ray exports a process's metrics on a timer (`metrics_report_interval_ms`, at least 1 s), so a
-        worker that exits right after its last step would take that step's figures with it. Call
-        this once before a short-lived worker returns.
+        worker that exits right after its last step would take that step's figures with it. Ray has
+        no call that forces or confirms an export, so this waits past the next timer tick. Call it
+        once before a short-lived worker returns.
         """
         import time
 
