@@ -12,7 +12,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,12 @@ import torch
 
 from aigc_dist.batch.layout import RunLayout, read_output
 from aigc_dist.config import BackfillConfig, DataConfig
-from aigc_dist.data.prompts import PromptTemplate, encode_example
-from aigc_dist.data.synthetic import CATEGORIES, WorldConfig, make_world, write_world
+from aigc_dist.data.prompts import PromptTemplate
+from aigc_dist.data.synthetic import CATEGORIES, WorldConfig, write_world
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.artifact import save_artifact, save_text_artifact
 from aigc_dist.models.cgan import CGANConfig, Generator
 from aigc_dist.models.llama import LlamaLM, LMConfig
-from aigc_dist.models.lm_train import train_lm
-from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage, join_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,44 +113,6 @@ class BackfillKit:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, **env}
         return subprocess.Popen([sys.executable, str(REPO / "jobs" / "backfill.py"), "--config", str(config)],
                                 env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
-
-
-# The recipe tests/evaluation/test_text_quality.py measured (held-out grounding ~0.98 after 600 steps).
-COPY_WORLD = WorldConfig(num_users=500, num_items=120, candidates_per_user=10, seed=0)  # 5,000 candidates
-COPY_TEMPLATE = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"))
-COPY_HELD_OUT_USERS = 100  # the last 100 users' 1,000 pairs are never trained on
-
-
-@dataclass(frozen=True)
-class TrainedCopyModel:
-    artifact: str
-    world: WorldConfig
-    template: PromptTemplate
-    held_out_users: frozenset[str]
-
-
-@pytest.fixture(scope="session")
-def trained_copy_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedCopyModel:
-    """A copy LM trained (plain PyTorch, ~80 s on 2 threads) on 4,000 of COPY_WORLD's 5,000 pairs."""
-    world = make_world(COPY_WORLD)
-    held_out = frozenset(u["user_id"] for u in world.users.to_pylist()[-COPY_HELD_OUT_USERS:])
-    tokenizer, config = byte_level_tokenizer(), LMConfig(num_hidden_layers=2, num_attention_heads=4,
-                                                         num_key_value_heads=4, hidden_size=128,
-                                                         intermediate_size=352, max_position_embeddings=256)
-    examples = [encode_example(u, i, copy, COPY_TEMPLATE, tokenizer, config.max_position_embeddings)
-                for u, i, copy in world.training_records() if u["user_id"] not in held_out]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        model = LlamaLM(config)
-        train_lm(model, examples, steps=600, batch_size=32, lr=3e-3, pad_id=tokenizer.pad_id, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    uri = str(tmp_path_factory.mktemp("trained") / "copy-lm")
-    save_text_artifact(uri, model.eval(), Storage(), conditioning=prompt_conditioning(COPY_TEMPLATE),
-                       metadata={"name": "copy-trained", "version": "v1"})
-    return TrainedCopyModel(uri, COPY_WORLD, COPY_TEMPLATE, held_out)
 
 
 @pytest.fixture(scope="session")

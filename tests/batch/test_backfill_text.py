@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -23,18 +25,22 @@ from aigc_dist.storage import Storage, join_uri
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(1500)  # with the ~80 s of training of its model; minutes more on a loaded machine
+@pytest.mark.timeout(1500)  # with the ~80 s of training of the shared model; minutes more on a loaded machine
 def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, kit, trained_copy_model, capsys):
     storage = Storage()
     world_uri = join_uri(s3_bucket, "world")
     fs, path = storage.filesystem(world_uri)
-    world = make_world(trained_copy_model.world)
-    write_world(world, path, filesystem=fs)  # 5,000 candidates
+    everyone = make_world(trained_copy_model.world)
+    # The candidates of the world's last 200 users: 1,000 pairs of users the model never saw, 1,000 it did.
+    last_users = pa.array([u["user_id"] for u in everyone.users.to_pylist()[-200:]])
+    world = dataclasses.replace(everyone, candidates=everyone.candidates.filter(
+        pc.is_in(everyone.candidates["user_id"], last_users)))
+    write_world(world, path, filesystem=fs)  # 2,000 candidates
     artifact = join_uri(s3_bucket, "models/copy-trained/v1")
     for file in Path(trained_copy_model.artifact).iterdir():  # the HF directory travels to S3 like a real one
         storage.write_bytes(join_uri(artifact, file.name), file.read_bytes())
     # Greedy and long enough for a whole copy (the longest reference is 106 bytes).
-    backfill = kit.config(join_uri(s3_bucket, "backfills"), artifact, run_id="s3-run", rows_per_file=625,
+    backfill = kit.config(join_uri(s3_bucket, "backfills"), artifact, run_id="s3-run", rows_per_file=250,
                           max_new_tokens=120, temperature=0.0)
 
     manifest = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())
@@ -42,7 +48,7 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
     run = join_uri(s3_bucket, "backfills/s3-run")
     data, errors = read_output(run, storage)
     counts = manifest["counts"]
-    assert counts["total"] == world.candidates.num_rows == 5000 == data.num_rows + errors.num_rows
+    assert counts["total"] == world.candidates.num_rows == 2000 == data.num_rows + errors.num_rows
     assert counts["ok"] == data.num_rows and counts["quarantined"] == 0
     assert counts["filtered"] == errors.num_rows == counts["by_stage"].get("filter", 0)
     ids = data["request_id"].to_pylist()
@@ -64,7 +70,7 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
     assert len(unseen) >= 900
     assert grounding_rate([r["content"] for r in unseen], [items[r["item_id"]] for r in unseen]) >= 0.9
 
-    # One data file per shard (8 shards of ~625 rows), each listed with its true size; nothing unlisted.
+    # One data file per shard (8 shards of 250 rows), each listed with its true size; nothing unlisted.
     listed = manifest["files"]["data"] + manifest["files"]["errors"]
     assert len(manifest["files"]["data"]) == manifest["num_shards"] == 8
     for entry in listed:
@@ -76,7 +82,7 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
 
     assert run_status(run, storage)["state"] == "complete"
     assert main(["backfill", "status", run]) == 0
-    assert "complete, 8/8 shards, 5,000/5,000 rows" in capsys.readouterr().out
+    assert "complete, 8/8 shards, 2,000/2,000 rows" in capsys.readouterr().out
     again = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())  # complete: nothing redone
     assert again["timings"] == manifest["timings"]
 

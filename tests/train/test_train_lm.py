@@ -1,11 +1,13 @@
 """The text generator trained by Ray Train + DeepSpeed ZeRO-2 on 2 workers, with data, checkpoints
 and the artifact all in S3 (the moto server): it learns, matches its golden losses, keeps the last
-K checkpoints, exports an artifact the text engine serves, and a second run of the same name resumes."""
+K checkpoints, exports an artifact the text engine serves, its figures reach Prometheus, and a second
+run of the same name resumes."""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +35,9 @@ def s3_run(ray_local, s3_server, deepspeed_ops, train_kit):
     world = join_uri(bucket, "world")
     fs, path = storage.filesystem(world)
     write_world(train_kit.world_config, path, filesystem=fs)
-    cfg = train_kit.lm_config(world, join_uri(bucket, "runs"), train={"keep_checkpoints": 1})
+    # A run name of its own: the Prometheus series of this run are labelled with it.
+    cfg = train_kit.lm_config(world, join_uri(bucket, "runs"), train={"keep_checkpoints": 1},
+                              model={"name": f"test-lm-{uuid.uuid4().hex[:6]}"})
     return SimpleNamespace(bucket=bucket, cfg=cfg, storage=storage, result=train_kit.run(cfg))
 
 
@@ -76,7 +80,7 @@ def test_checkpoints_land_in_s3_and_only_the_last_k_are_kept(s3_run):
 
 
 def test_artifact_loads_and_generates(s3_run):
-    uri = join_uri(s3_run.bucket, "runs", "models", "test-lm", "v1")
+    uri = join_uri(s3_run.bucket, "runs", "models", s3_run.cfg.model.name, "v1")
     assert s3_run.result.artifact_uri == uri
     artifact = load_artifact(uri, s3_run.storage)
     assert artifact.metadata["step"] == 20 and artifact.metadata["run"] == "lm"
@@ -97,6 +101,20 @@ def test_export_command_from_the_checkpoint_gives_the_same_weights(s3_run, capsy
     assert exported.metadata["step"] == 20
     for name, tensor in trained.model.state_dict().items():
         assert torch.equal(tensor, exported.model.state_dict()[name]), name
+
+
+def test_step_time_samples_tokens_and_loss_reach_prometheus(s3_run, prometheus):
+    """The figures rank 0 records, as a real Prometheus scrapes them from Ray's metrics port."""
+    last = s3_run.result.metrics
+    selector = f'run="lm",component="train",model="{s3_run.cfg.model.name}"'
+    # Every optimizer step timed once (rank 0 only: the other rank records nothing).
+    steps = f"sum(ray_aigc_train_step_seconds_count{{{selector}}})"
+    assert prometheus.wait_for_value(steps, 20) == 20
+    assert prometheus.wait_for_value(f"sum(ray_aigc_train_samples_total{{{selector}}})", last["samples"]) == \
+        last["samples"] == 20 * 2 * 8
+    assert prometheus.wait_for_value(f"sum(ray_aigc_train_tokens_total{{{selector}}})", last["tokens"]) == \
+        last["tokens"]
+    assert prometheus.value(f"ray_aigc_train_loss{{{selector}}}") == pytest.approx(last["loss"], rel=1e-6)
 
 
 def test_same_run_name_resumes_at_the_saved_step(s3_run, train_kit):
