@@ -101,7 +101,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     node_env.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY=str(VENV_BIN / "ray"),
                     RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", f"--object-store-memory={256 * 1024**2}"]
+    # Metrics exported every second (10 s by default): a training job's rank 0 waits one export before it
+    # ends (ActorMetrics.flush). Ray takes the system config from the head only.
     head = ["bash", str(REPO / "cluster" / "start-head.sh"), *common, "--num-cpus=0",
+            '--system-config={"metrics_report_interval_ms": 1000}',
             f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent_ports[0]}",
             f"--dashboard-agent-grpc-port={agent_ports[1]}", f"--runtime-env-agent-port={agent_ports[2]}"]
     worker = ["bash", str(REPO / "cluster" / "start-worker.sh"), f"127.0.0.1:{gcs}", *common,
