@@ -305,24 +305,42 @@ COPY_WORLD_USERS, COPY_HELD_OUT_USERS = 500, 100  # the last 100 users' 1,000 pa
 
 
 @dataclass(frozen=True)
-class TrainedCopyModel:
-    artifact: str  # a local Hugging Face directory (save_text_artifact)
-    world: Any  # the WorldConfig it was trained on: 5,000 (user, item) pairs
+class CopyWorld:
+    """The world the shared copy LM learns from, and the users it never sees (no training needed to read)."""
+
+    world: Any  # a WorldConfig: 5,000 (user, item) pairs
     template: Any  # the PromptTemplate of its prompts
     held_out_users: frozenset[str]
-    losses: list[float]  # every training step's loss
-    train_seconds: float
+
+
+@dataclass(frozen=True)
+class TrainedCopyModel(CopyWorld):
+    artifact: str = ""  # a local Hugging Face directory (save_text_artifact)
+    losses: tuple[float, ...] = ()  # every training step's loss
+    train_seconds: float = 0.0
 
 
 @pytest.fixture(scope="session")
-def trained_copy_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedCopyModel:
+def copy_world() -> CopyWorld:
+    """500 users x 10 candidates over 120 items; the prompt keeps only the fields the copy needs (segment and
+    locale pick the phrase and language, title and category ground it): ~75 tokens instead of ~125."""
+    from aigc_dist.data.prompts import PromptTemplate
+    from aigc_dist.data.synthetic import WorldConfig, make_world
+
+    config = WorldConfig(num_users=COPY_WORLD_USERS, num_items=120, candidates_per_user=10, seed=0)
+    users = make_world(config).users.to_pylist()
+    return CopyWorld(config, PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category")),
+                     frozenset(u["user_id"] for u in users[-COPY_HELD_OUT_USERS:]))
+
+
+@pytest.fixture(scope="session")
+def trained_copy_model(copy_world: CopyWorld, tmp_path_factory: pytest.TempPathFactory) -> TrainedCopyModel:
     """The `mini` LM trained with plain PyTorch (600 steps of 32 on 2 threads) on the 4,000 pairs of the
-    world's first 400 users. The prompt keeps only the fields the copy needs (segment and locale pick the
-    phrase and language, title and category ground it): ~75 tokens instead of ~125, a third cheaper."""
+    copy world's first 400 users."""
     import torch
 
-    from aigc_dist.data.prompts import PromptTemplate, encode_example
-    from aigc_dist.data.synthetic import WorldConfig, make_world
+    from aigc_dist.data.prompts import encode_example
+    from aigc_dist.data.synthetic import make_world
     from aigc_dist.engine.text import prompt_conditioning
     from aigc_dist.models.artifact import save_text_artifact
     from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
@@ -330,13 +348,10 @@ def trained_copy_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedCopyM
     from aigc_dist.models.tokenizer import byte_level_tokenizer
     from aigc_dist.storage import Storage
 
-    world_config = WorldConfig(num_users=COPY_WORLD_USERS, num_items=120, candidates_per_user=10, seed=0)
-    template = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"))
-    world = make_world(world_config)
-    held_out = frozenset(u["user_id"] for u in world.users.to_pylist()[-COPY_HELD_OUT_USERS:])
+    template, held_out = copy_world.template, copy_world.held_out_users
     tokenizer, config = byte_level_tokenizer(), lm_config_from_preset("mini")
     examples = [encode_example(u, i, copy, template, tokenizer, config.max_position_embeddings)
-                for u, i, copy in world.training_records() if u["user_id"] not in held_out]
+                for u, i, copy in make_world(copy_world.world).training_records() if u["user_id"] not in held_out]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -350,4 +365,4 @@ def trained_copy_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedCopyM
     uri = str(tmp_path_factory.mktemp("trained") / "copy-lm")
     save_text_artifact(uri, model.eval(), Storage(), conditioning=prompt_conditioning(template),
                        metadata={"name": "copy-trained", "version": "v1"})
-    return TrainedCopyModel(uri, world_config, template, held_out, losses, seconds)
+    return TrainedCopyModel(copy_world.world, template, held_out, uri, tuple(losses), seconds)

@@ -39,10 +39,10 @@ MAX_NEW_TOKENS = 120  # the longest reference copy is 106 bytes
 
 
 @pytest.fixture(scope="module")
-def held_out(trained_copy_model) -> list[Record]:
+def held_out(copy_world) -> list[Record]:
     """200 (user, item, copy) records of users the trained model never saw, drawn with a fixed seed."""
-    records = [r for r in make_world(trained_copy_model.world).training_records()
-               if r[0]["user_id"] in trained_copy_model.held_out_users]
+    records = [r for r in make_world(copy_world.world).training_records()
+               if r[0]["user_id"] in copy_world.held_out_users]
     assert len(records) == 1000
     return random.Random(0).sample(records, HELD_OUT)
 
@@ -79,9 +79,9 @@ def score(model: LlamaLM, records: list[Record], template, temperature: float = 
 
 
 @pytest.mark.usefixtures("two_threads")
-def test_untrained_model_copy_is_not_grounded(held_out, trained_copy_model) -> None:
+def test_untrained_model_copy_is_not_grounded(held_out, copy_world) -> None:
     """The control: without training, the copy names neither title nor category, so the metric can fail."""
-    template = trained_copy_model.template
+    template = copy_world.template
     untrained = score(new_model(), held_out, template)
     assert untrained["grounding_rate"] < 0.2
     assert untrained["personalization_rate"] < 0.2
