@@ -78,6 +78,16 @@ def engine_only(artifact: str, requests: list[TextRequest], actors: int, batch_s
             "tokens_per_s": tokens / seconds}
 
 
+def engine_requests(world: Any, template: PromptTemplate, max_new_tokens: int) -> list[TextRequest]:
+    """The world's candidates as the backfill generates them: joined, with the backfill's per-row seeds."""
+    users = {u["user_id"]: u for u in world.users.to_pylist()}
+    items = {i["item_id"]: i for i in world.items.to_pylist()}
+    salt, sampling = template_digest(template), SamplingParams(max_new_tokens, 0.8)
+    return [TextRequest(users[c["user_id"]], items[c["item_id"]],
+                        row_seed(0, stable_request_id(c["user_id"], c["item_id"], salt)), sampling)
+            for c in world.candidates.to_pylist()]
+
+
 def pipeline(backfill: BackfillConfig, data: DataConfig) -> dict:
     started = time.perf_counter()
     manifest = run_backfill(backfill, data, StorageConfig())
@@ -115,12 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               temperature=0.8, rows_per_file=shard_rows, min_chars=0, progress_interval_s=30)
     data = DataConfig(users=str(work / "world/users.parquet"), items=str(work / "world/items.parquet"),
                       candidates=str(work / "world/candidates.parquet"))
-    users = {u["user_id"]: u for u in world.users.to_pylist()}
-    items = {i["item_id"]: i for i in world.items.to_pylist()}
-    salt, sampling = template_digest(template), SamplingParams(args.max_new_tokens, 0.8)
-    requests = [TextRequest(users[c["user_id"]], items[c["item_id"]],
-                            row_seed(0, stable_request_id(c["user_id"], c["item_id"], salt)), sampling)
-                for c in world.candidates.to_pylist()]
+    requests = engine_requests(world, template, args.max_new_tokens)
 
     needed = args.actors * 2 + 3  # generators + preparers + tasks: never starve the read tasks
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)

@@ -9,6 +9,7 @@
     _work/PASS/                          the input partitioned by shard, and the users and items the run
                                          reads (deleted when the run completes); PASS names the partition
                                          pass `_plan.json` adopted, so a pass of a fenced driver is never read
+    _work/PASS/generated/                generated rows of one generate task, until its shard commits
 
 Readers trust only the files `_manifest.json` lists (`read_output` does exactly that); files of an
 attempt that never committed may exist while a run is in progress or after a crash.
@@ -95,6 +96,11 @@ class RunLayout:
     def work_dir(self, work: str, part: str, shard: int) -> str:
         """Ray Data writes `_work/PASS/part=<requests|users|items>/shard=<k>/...` (hive partitioning)."""
         return self.uri(f"_work/{work}/part={part}/shard={shard}")
+
+    @staticmethod
+    def generated_file(work: str, shard: int, task: int, session: str) -> str:
+        """Relative path of one generate task's rows, named by the driver session that runs it."""
+        return f"_work/{work}/generated/shard-{shard:05d}/task-{task:05d}-{session}.arrow"
 
     def commit_marker(self, shard: int) -> str:
         return self.uri(f"_commits/shard-{shard:05d}.json")

@@ -8,8 +8,10 @@
        by request_id); the items go whole, a snapshot every later session reads instead of the live
        input. `_plan.json` (an exclusive write) then fixes the pass, the shard count and the content
        identity of every input file, so every later session sees the same shards of the same input;
-    3. stream the shards not yet committed through prepare -> generate -> finish (shards.py); each
-       shard commits itself (commit.py) and the driver counts the markers (progress.py);
+    3. stream the shards not yet committed through prepare -> generate (shards.py): each shard is cut
+       into generate tasks that any generator actor takes, so every actor works whatever the shard
+       count; the driver counts the tasks' rows as they are generated (progress.py) and, once it has
+       every task of a shard, starts the task that finishes and commits it (finish.py, commit.py);
     4. when every shard is committed: sweep the files no marker of that checked set names, write
        `_manifest.json` last, delete `_work/`.
 
@@ -36,13 +38,14 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from aigc_dist.batch.commit import sweep_uncommitted
+from aigc_dist.batch.finish import finish_generated
 from aigc_dist.batch.inputs import InputTable, RowRules, describe_input_change, identify, resolve_input
 from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.lock import FencedError, RunLock
 from aigc_dist.batch.progress import Progress, build_manifest
 from aigc_dist.batch.reading import count_rows, read_work_rows, work_dataset
 from aigc_dist.batch.records import ReadLimits
-from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer, finish_shards
+from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer
 from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, StorageConfig, config_digest
 from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.errors import UserError
@@ -256,8 +259,26 @@ def ensure_ray(backfill: BackfillConfig) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
 
 
-def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[Any]) -> Iterator[dict[str, Any]]:
-    """Stream the pending shards through prepare -> generate -> finish; yields each commit marker."""
+def quiet_ray_data() -> str | None:
+    """Ray Data's info lines (plans, operator progress bars) go to its log file only, where the driver
+    says they are: the progress line tells how the run goes; Ray Data's warnings still reach stderr."""
+    import ray.data
+    from ray.data._internal.logging import get_log_directory
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
+            # the warning that follows is about the setting below: noise on a terminal
+            handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    directory = get_log_directory()
+    if directory:
+        log.info("Ray Data's log: %s", os.path.join(directory, "ray-data.log"))
+    return directory
+
+
+def _generated_tasks(pending: list[int], context: ShardContext, item_refs: list[Any]) -> Iterator[dict[str, Any]]:
+    """Ray Data: the pending shards through prepare -> generate; yields what each generate task reports."""
     import ray
 
     backfill = context.backfill
@@ -265,18 +286,49 @@ def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[A
     ds = ds.map_batches(ShardPreparer, batch_size=1, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=backfill.max_actors),
                         fn_constructor_kwargs={"context": context, "item_refs": item_refs})
+    # A preparer emits a shard's tasks as one block; an actor takes a whole block, so without this
+    # one actor would generate the whole shard. Streaming: no barrier between the two stages.
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow", num_cpus=backfill.cpus_per_actor,
                         num_gpus=backfill.gpus_per_actor or None,
                         compute=ray.data.ActorPoolStrategy(min_size=backfill.min_actors, max_size=backfill.max_actors,
                                                            max_tasks_in_flight_per_actor=2),
                         fn_constructor_kwargs={"context": context})
-    ds = ds.map_batches(finish_shards, batch_size=1, batch_format="pyarrow", num_cpus=FINISH_CPUS,
-                        fn_kwargs={"context": context})
     for row in ds.iter_rows():
-        marker = json.loads(row["commit"])
-        if "fenced" in marker:  # this driver's lock was taken over: nothing more is ours to do
-            raise FencedError(marker["fenced"])
-        yield marker
+        yield json.loads(row["generated"])
+
+
+def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[Any],
+                    progress: Progress) -> Iterator[dict[str, Any]]:
+    """Generate the pending shards, finish each once all its tasks are in; yields each commit marker."""
+    import ray
+
+    finish = ray.remote(finish_generated).options(num_cpus=FINISH_CPUS, max_retries=3)
+    gathered: dict[int, dict[int, dict[str, Any]]] = {}
+    finishing: list[Any] = []
+
+    def committed(refs: list[Any]) -> Iterator[dict[str, Any]]:
+        for marker in ray.get(refs):
+            if "fenced" in marker:  # this driver's lock was taken over: nothing more is ours to do
+                raise FencedError(marker["fenced"])
+            yield marker
+
+    for task in _generated_tasks(pending, context, item_refs):
+        tasks = gathered.setdefault(task["shard"], {})
+        if task["task"] in tasks:  # a task Ray ran again (its output was lost with a node) reports twice
+            continue
+        tasks[task["task"]] = task
+        progress.generated(task)
+        _failpoint("task_generated")
+        if len(tasks) == task["num_tasks"]:
+            _failpoint("shard_generated")
+            finishing.append(finish.remote(task["shard"], [tasks[k] for k in sorted(tasks)], context))
+            del gathered[task["shard"]]
+        done, finishing = ray.wait(finishing, num_returns=len(finishing), timeout=0) if finishing else ([], [])
+        yield from committed(done)
+    while finishing:
+        done, finishing = ray.wait(finishing, num_returns=1)
+        yield from committed(done)
 
 
 def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
@@ -360,6 +412,7 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
         return manifest
     tables = {name: identify(table, storage) for name, table in tables.items()}
     ensure_ray(backfill)
+    quiet_ray_data()
     # Heartbeats well inside the stale time: a takeover needs several missed beats, not one late one.
     heartbeat_s = min(backfill.progress_interval_s, backfill.lock_stale_after_s / 4)
     with (RunLock(layout.lock, storage, backfill.lock_stale_after_s, heartbeat_s) as lock,
@@ -376,8 +429,9 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
                 joins_users = "users" in tables
                 items, item_refs = _item_refs(layout, storage, plan, data) if joins_users else (None, [])
                 context = ShardContext(layout.root, backfill, storage_config, joins_users, model, plan["work"],
-                                       lock.fence, model["template"], model["tokenizer"], model["labels"])
-                for marker in _shard_pipeline(pending, context, item_refs):
+                                       lock.fence, uuid.uuid4().hex[:12], model["template"], model["tokenizer"],
+                                       model["labels"])
+                for marker in _shard_pipeline(pending, context, item_refs, progress):
                     progress.add(marker)
                     progress.check()
                     _failpoint("shard_committed")

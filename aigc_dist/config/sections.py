@@ -236,6 +236,11 @@ class BackfillConfig(Section):
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, ge=0, description="Base seed; each row's seed derives from it and request_id.")
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per output parquet file.")
+    rows_per_task: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Rows of one generate task, the unit spread over every generator actor whatever the shard "
+        "count (a shard's tasks are gathered into its one file); default 8 x batch_size.",
+    )
     max_chars: int | None = Field(None, ge=1, description="Filter: longest acceptable copy (characters).")
     banned_terms: list[str] = Field(default_factory=list, description="Filter: copy containing any is dropped.")
     require_item_mention: bool = Field(False, description="Filter: copy must name the item title or category.")
@@ -261,6 +266,12 @@ class BackfillConfig(Section):
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
         return self
+
+    @property
+    def task_rows(self) -> int:
+        """Rows per generate task: `rows_per_task`, else 8 batches (enough that an engine call's tail, when
+        fewer than batch_size slots are busy, is a small share of it)."""
+        return self.rows_per_task or 8 * self.batch_size
 
 
 class ServeConfig(Section):

@@ -82,7 +82,7 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
 
     assert run_status(run, storage)["state"] == "complete"
     assert main(["backfill", "status", run]) == 0
-    assert "complete, 8/8 shards, 2,000/2,000 rows" in capsys.readouterr().out
+    assert "complete, 2,000/2,000 rows (100.0%), 2,000 committed in 8/8 shards" in capsys.readouterr().out
     again = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())  # complete: nothing redone
     assert again["timings"] == manifest["timings"]
 

@@ -1,0 +1,118 @@
+"""Finishing a shard: gather its generated tasks, evaluate, filter, write its files, commit.
+
+The driver starts `finish_generated` (a Ray task) once it has heard of every generate task of a
+shard. The tasks' rows are read back from `_work/` in task order, which is the shard's request_id
+order, so the shard's files hold the same rows in the same order however its tasks were spread over
+the actors. Commit (commit.py) is per shard, as before: exactly once does not depend on the tasks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from aigc_dist.batch.commit import commit_shard
+from aigc_dist.batch.layout import ERRORS_SCHEMA, IMAGE_SCHEMA, STAGES, TEXT_SCHEMA, RunLayout
+from aigc_dist.batch.lock import FencedError
+from aigc_dist.batch.quality import filter_reason, text_quality
+from aigc_dist.batch.shards import GENERATED_SCHEMAS, ShardContext, error_row, from_ipc
+from aigc_dist.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def _data_row(row: dict[str, Any], context: ShardContext, created_at: Any) -> dict[str, Any]:
+    backfill, model = context.backfill, context.model
+    out = {"request_id": row["request_id"], "user_id": row["user_id"], "item_id": row["item_id"],
+           "model_name": model["name"], "model_version": model["version"], "model_digest": model["digest"],
+           "seed": row["seed"], "created_at": created_at}
+    if backfill.mode == "image":
+        return {**out, "image": row["image"], "label": row["label"], "width": row["width"], "height": row["height"],
+                "num_bytes": len(row["image"])}
+    return {**out, "content": row["content"], "temperature": backfill.temperature, "top_k": backfill.top_k,
+            "top_p": backfill.top_p, "max_new_tokens": backfill.max_new_tokens, "num_tokens": row["num_tokens"],
+            "prompt_tokens": row["prompt_tokens"], "finished": row["finished"]}
+
+
+def read_generated(tasks: list[dict[str, Any]], storage: Storage, mode: str) -> tuple[pa.Table, list[dict], dict]:
+    """(generated rows, pending errors, stats) of a shard from its tasks' files, in task order; stats sum
+    the tasks' seconds by stage and rows by actor."""
+    rows, errors = [], []
+    stats: dict[str, Any] = {"seconds": {}, "actors": {}}
+    for task in sorted(tasks, key=lambda t: t["task"]):
+        record = from_ipc(storage.read_bytes(task["uri"])).to_pylist()[0]
+        rows.append(from_ipc(record["rows"]))
+        errors += from_ipc(record["errors"]).to_pylist()
+        part = json.loads(record["stats"])
+        stats["side"] = part["side"]
+        for stage, seconds in part["seconds"].items():
+            stats["seconds"][stage] = stats["seconds"].get(stage, 0.0) + seconds
+        for actor, count in part["actors"].items():
+            stats["actors"][actor] = stats["actors"].get(actor, 0) + count
+    table = pa.concat_tables(rows) if rows else GENERATED_SCHEMAS[mode].empty_table()
+    return table, errors, stats
+
+
+def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext) -> dict[str, Any]:
+    """Evaluate and filter a generated shard, write its files and commit it; returns the commit marker."""
+    storage, layout = Storage(context.storage), RunLayout(context.root)
+    # A retry of this task after its first try committed (its node died before it returned) finds
+    # the marker, and the task files that try deleted are not needed.
+    if storage.exists(layout.commit_marker(shard)):
+        return storage.read_json(layout.commit_marker(shard))
+    started = time.perf_counter()
+    backfill = context.backfill
+    created_at = datetime.datetime.now(datetime.UTC)
+    generated, errors, stats = read_generated(tasks, storage, backfill.mode)
+    side = stats.pop("side")
+    data = []
+    for row in generated.to_pylist():
+        out = _data_row(row, context, created_at)
+        if backfill.mode == "text":
+            out.update(text_quality(row["content"], json.loads(row["user"]), json.loads(row["item"])))
+            reason = filter_reason(row["content"], out, backfill)
+            if reason is not None:
+                errors.append(error_row(row, "filter", reason, side, content=row["content"]))
+                continue
+        data.append(out)
+    for error in errors:
+        error["created_at"] = created_at
+    requests_side = [e for e in errors if e["table"] == side]
+    by_stage = {stage: sum(e["stage"] == stage for e in requests_side) for stage in STAGES}
+    filtered = by_stage["filter"]
+    stats.update(
+        counts={"total": len(data) + len(requests_side), "ok": len(data),
+                "quarantined": len(requests_side) - filtered, "filtered": filtered,
+                "by_stage": {k: v for k, v in by_stage.items() if v},
+                "profiles": {table: sum(e["table"] == table for e in errors) for table in ("users", "items")}},
+        tokens={"generated": sum(r.get("num_tokens", 0) for r in data),
+                "prompt": sum(r.get("prompt_tokens", 0) for r in data)},
+        tasks=len(tasks),
+    )
+    stats["seconds"]["finish"] = time.perf_counter() - started
+    schema = TEXT_SCHEMA if backfill.mode == "text" else IMAGE_SCHEMA
+    outputs = {"data": pa.Table.from_pylist(data, schema=schema),
+               "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
+    marker = commit_shard(layout, storage, shard, outputs, stats, context.fence)
+    # Committed (ours or a winner's): the task files are this session's own and no longer needed;
+    # what a failed delete leaves goes with `_work/` when the run completes.
+    for task in tasks:
+        try:
+            storage.delete(task["uri"])
+        except OSError as exc:
+            log.warning("could not delete %s: %s", task["uri"], exc)
+    return marker
+
+
+def finish_generated(shard: int, tasks: list[dict[str, Any]], context: ShardContext) -> dict[str, Any]:
+    """Ray task: finish the shard; its commit marker, or (the driver's lock was taken over) why nothing
+    was committed, which the driver must hear as such (exit 4), not as a failed task."""
+    try:
+        return finish_shard(shard, tasks, context)
+    except FencedError as exc:
+        return {"shard": shard, "fenced": str(exc)}
