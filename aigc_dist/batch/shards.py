@@ -1,13 +1,13 @@
 """The stages of the backfill that Ray Data runs, and the task that finishes a shard.
 
-A shard (the unit of commit and of output file) is prepared whole, then cut into generate tasks of
-`backfill.task_rows` rows, so that every generator actor works whatever the number of shards:
+A shard (the unit of commit and of output file) is cut into generate tasks of `backfill.task_rows`
+input rows, so that every generator actor works whatever the number of shards:
 
     ShardPreparer  (actor pool)  join users (same shard of the users table) and items (the catalog,
                                  broadcast to each actor once), drop duplicates, check prompts; report
                                  the bad rows of the users table (each in its own shard) and of the
                                  items table (with shard 0), so they reach errors/ exactly once; emit the
-                                 shard as tasks of task_rows rows (its errors ride with task 0)
+                                 shard task by task as each is prepared (the profile errors ride with task 0)
     (streaming repartition)      one task per block, so Ray Data can hand each to any actor
     ShardGenerator (actor pool)  load the artifact once, generate a task with the shared Text/ImageEngine
                                  in batches of backfill.batch_size, write its rows under `_work/` and
@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,9 +135,12 @@ class ShardPreparer:
                                                       self.storage.read_bytes(join_uri(uri, TOKENIZER_CONFIG_FILE)),
                                                       uri)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tasks = [task for shard in batch["shard"].to_pylist() for task in self.prepare(shard)]
-        return pa.Table.from_pylist(tasks, schema=TASK_SCHEMA)
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        # One task per output: with the streaming repartition fused behind this stage, Ray Data hands
+        # each to a generator as soon as it is yielded, while the rest of the shard is being prepared.
+        for shard in batch["shard"].to_pylist():
+            for task in self.prepare(shard):
+                yield pa.Table.from_pylist([task], schema=TASK_SCHEMA)
 
     def _condition(self, user: dict[str, Any], item: dict[str, Any]) -> tuple[int | None, str | None]:
         """(image label, None) or (None, why no prompt/condition can be built for this pair)."""
@@ -160,55 +165,57 @@ class ShardPreparer:
                           f"[0, {model['num_classes']}) or one of its {len(self.context.labels)} label names)")
         return value, None
 
-    def prepare(self, shard: int) -> list[dict[str, Any]]:
-        """The shard's generate tasks: its prepared rows cut at fixed offsets, its errors with task 0."""
+    def prepare(self, shard: int) -> Iterator[dict[str, Any]]:
+        """The shard's generate tasks, one by one: its input rows in request_id order, cut at fixed offsets
+        of task_rows rows, each task holding the range's prepared rows and its errors (task 0 also the bad
+        rows of the shard's users and, in shard 0, of the items)."""
         started = time.perf_counter()
         work_pass = self.context.work
         work = read_work_files(self.storage, self.layout.work_dir(work_pass, "requests", shard)).to_pylist()
-        users = None
-        prepared, errors, seen = [], [], set()
+        users, errors, seen = None, [], set()
         if self.context.joins_users:
             users = ProfileIndex(read_work_files(self.storage, self.layout.work_dir(work_pass, "users", shard)), "user")
             errors += _profile_errors(users)
             if shard == 0:
                 errors += _profile_errors(self.items)
         work.sort(key=lambda r: (r["key"] or "", r["raw"]))  # the same order in every attempt
-        for row in work:
-            if row["error"] is not None:
-                errors.append(error_row(row, row["stage"], row["error"], self.side))
-                continue
-            if row["key"] in seen:
-                errors.append(error_row(row, "validate", f"duplicate request_id {row['key']} (the first row is kept)",
-                                     self.side))
-                continue
-            seen.add(row["key"])
-            if users is not None:
-                (user, user_problem), (item, item_problem) = users.get(row["user_id"]), self.items.get(row["item_id"])
-                if user_problem or item_problem:
-                    errors.append(error_row(row, "join", user_problem or item_problem, self.side))
-                    continue
-            else:
-                user = item = json.loads(row["raw"])
-            label, problem = self._condition(user, item)
-            if problem:
-                errors.append(error_row(row, "prompt", problem, self.side))
-                continue
-            prepared.append({"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
-                             "seed": row_seed(self.context.backfill.seed, row["key"]), "user": json.dumps(user),
-                             "item": json.dumps(item), "raw": row["raw"], "label": label})
         size = self.context.backfill.task_rows
-        pieces = [prepared[start:start + size] for start in range(0, len(prepared), size)] or [[]]
-        seconds = time.perf_counter() - started
-        # `rows`: the requests-side input rows a task accounts for, so the driver counts progress by row.
-        shard_errors = sum(e["table"] == self.side for e in errors)
-        tasks = []
-        for number, piece in enumerate(pieces):
-            first = number == 0
-            stats = {"seconds": {"prepare": seconds} if first else {}, "side": self.side,
-                     "rows": len(piece) + (shard_errors if first else 0)}
-            tasks.append(task_row(shard, number, len(pieces), pa.Table.from_pylist(piece, schema=PREPARED_SCHEMA),
-                                  pa.Table.from_pylist(errors if first else [], schema=PENDING_ERRORS_SCHEMA), stats))
-        return tasks
+        num_tasks = max(1, math.ceil(len(work) / size))
+        for number in range(num_tasks):
+            rows = work[number * size:(number + 1) * size]
+            prepared = []
+            for row in rows:
+                request, problem = self._prepare_row(row, users, seen)
+                if problem is not None:
+                    errors.append(error_row(row, *problem, self.side))
+                else:
+                    prepared.append(request)
+            # `rows`: the requests-side input rows the task accounts for (the driver counts progress by them).
+            stats = {"seconds": {"prepare": time.perf_counter() - started}, "side": self.side, "rows": len(rows)}
+            yield task_row(shard, number, num_tasks, pa.Table.from_pylist(prepared, schema=PREPARED_SCHEMA),
+                           pa.Table.from_pylist(errors, schema=PENDING_ERRORS_SCHEMA), stats)
+            errors, started = [], time.perf_counter()
+
+    def _prepare_row(self, row: dict[str, Any], users: ProfileIndex | None,
+                     seen: set[str]) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+        """(request, None), or (None, (stage, reason)) for a row that goes to errors/."""
+        if row["error"] is not None:
+            return None, (row["stage"], row["error"])
+        if row["key"] in seen:  # rows are in request_id order, so the first of a duplicate is kept
+            return None, ("validate", f"duplicate request_id {row['key']} (the first row is kept)")
+        seen.add(row["key"])
+        if users is not None:
+            (user, user_problem), (item, item_problem) = users.get(row["user_id"]), self.items.get(row["item_id"])
+            if user_problem or item_problem:
+                return None, ("join", user_problem or item_problem)
+        else:
+            user = item = json.loads(row["raw"])
+        label, problem = self._condition(user, item)
+        if problem:
+            return None, ("prompt", problem)
+        return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
+                "seed": row_seed(self.context.backfill.seed, row["key"]), "user": json.dumps(user),
+                "item": json.dumps(item), "raw": row["raw"], "label": label}, None
 
 
 class ShardGenerator:
