@@ -286,14 +286,16 @@ def _generated_tasks(pending: list[int], context: ShardContext, item_refs: list[
     ds = ds.map_batches(ShardPreparer, batch_size=1, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=backfill.max_actors),
                         fn_constructor_kwargs={"context": context, "item_refs": item_refs})
-    # A preparer emits a shard's tasks as one block; an actor takes a whole block, so without this
-    # one actor would generate the whole shard. Streaming: no barrier between the two stages.
-    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow", num_cpus=backfill.cpus_per_actor,
                         num_gpus=backfill.gpus_per_actor or None,
                         compute=ray.data.ActorPoolStrategy(min_size=backfill.min_actors, max_size=backfill.max_actors,
                                                            max_tasks_in_flight_per_actor=2),
                         fn_constructor_kwargs={"context": context})
+    # Every task a preparer yields is a block of its own (this dataset's context only): an actor takes
+    # whole blocks, and Ray Data otherwise merges a task's outputs up to 128 MiB, so one generator
+    # would get a whole shard, and only once the shard was prepared. Measured: with the default, the
+    # first of five tasks yielded a second apart reached the next stage with the last.
+    ds.context.target_max_block_size = 1
     for row in ds.iter_rows():
         yield json.loads(row["generated"])
 

@@ -14,6 +14,7 @@ One reader for every consumer of the tables, so they cannot disagree on what a r
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
@@ -27,6 +28,7 @@ from aigc_dist.batch.records import ReadLimits, TextChunk, arrow_records, count_
 from aigc_dist.storage import Storage
 
 PROFILE_COLUMNS = ("key", "user_id", "item_id", "raw", "error", "stage")  # (the shard is in the path)
+READ_BLOCK_ROWS = 100_000  # parquet rows per read block of the partition pass (its tasks' unit of work)
 _ROWS_PER_BLOCK = 4096  # work rows per block a read task yields (bounds a task's memory, not its input)
 
 
@@ -66,11 +68,7 @@ def count_rows(table: InputTable, storage: Storage, limits: ReadLimits) -> tuple
 
     fs, paths = _paths(table, storage)
     if table.format == "parquet":
-        total = 0
-        for path in paths:
-            with fs.open_input_file(path) as fh:
-                total += pq.ParquetFile(fh).metadata.num_rows
-        return total, []
+        return _parquet_rows(fs, paths), []
     chunks = text_chunks(table, storage, limits)
     ds = ray.data.from_items([{"index": i, **asdict(c)} for i, c in enumerate(chunks)],
                              override_num_blocks=len(chunks))
@@ -78,6 +76,15 @@ def count_rows(table: InputTable, storage: Storage, limits: ReadLimits) -> tuple
                                     fn_kwargs={"fs": fs, "fmt": table.format, "limits": limits}).take_all(),
                      key=lambda c: c["index"])  # Ray Data may finish the tasks in any order
     return sum(c["records"] for c in counted), number_chunks(chunks, [c["lines"] for c in counted])
+
+
+def _parquet_rows(fs: pafs.FileSystem, paths: list[str]) -> int:
+    """Rows of parquet files, from their footers."""
+    total = 0
+    for path in paths:
+        with fs.open_input_file(path) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
 
 
 def number_chunks(chunks: list[TextChunk], lines: list[int]) -> list[TextChunk]:
@@ -114,7 +121,7 @@ def _read_chunks(batch: pa.Table, fs: pafs.FileSystem, fmt: str, rules: RowRules
             yield work_table(rows, part)
 
 
-def _read_parquet(paths: list[str], fs: pafs.FileSystem) -> Any:
+def _read_parquet(paths: list[str], fs: pafs.FileSystem, blocks: int | None = None) -> Any:
     """ray.data.read_parquet on Ray Data's V1 reader, which reads footers inside the read tasks.
 
     Ray Data 2.60's default (DataSourceV2) starts a pool of 32 footer-reading actors for every
@@ -127,7 +134,7 @@ def _read_parquet(paths: list[str], fs: pafs.FileSystem) -> Any:
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(paths, filesystem=fs)
+        return ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=blocks)
     finally:
         context.use_datasource_v2 = previous
 
@@ -144,7 +151,12 @@ def read_work_rows(table: InputTable, rules: RowRules, storage: Storage, part: s
 
     fs, paths = _paths(table, storage)
     if table.format == "parquet":
-        return _read_parquet(paths, fs).map_batches(
+        # One block per READ_BLOCK_ROWS rows: Ray Data's default (two blocks per CPU of the cluster, for
+        # any size) turned the 2,000 items of a small run into 14 read, validate and write tasks each,
+        # most of a partition pass's 11 s on 2 cores. At least one per file: a block of two files
+        # would give each file's rows the columns of the other (validated as the file never had them).
+        blocks = max(len(paths), math.ceil(_parquet_rows(fs, paths) / READ_BLOCK_ROWS))
+        return _read_parquet(paths, fs, blocks).map_batches(
             normalize_arrow, batch_format="pyarrow", fn_kwargs={"rules": rules, "part": part})
     chunks = chunks or text_chunks(table, storage, rules.limits)
     ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks))

@@ -8,7 +8,6 @@ input rows, so that every generator actor works whatever the number of shards:
                                  the bad rows of the users table (each in its own shard) and of the
                                  items table (with shard 0), so they reach errors/ exactly once; emit the
                                  shard task by task as each is prepared (the profile errors ride with task 0)
-    (streaming repartition)      one task per block, so Ray Data can hand each to any actor
     ShardGenerator (actor pool)  load the artifact once, generate a task with the shared Text/ImageEngine
                                  in batches of backfill.batch_size, write its rows under `_work/` and
                                  tell the driver (shard, task, rows, actor): row-level progress
@@ -136,8 +135,8 @@ class ShardPreparer:
                                                       uri)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        # One task per output: with the streaming repartition fused behind this stage, Ray Data hands
-        # each to a generator as soon as it is yielded, while the rest of the shard is being prepared.
+        # One task per output block (the pipeline sets the dataset's block size so): Ray Data hands each
+        # to a generator as soon as it is yielded, while the rest of the shard is being prepared.
         for shard in batch["shard"].to_pylist():
             for task in self.prepare(shard):
                 yield pa.Table.from_pylist([task], schema=TASK_SCHEMA)
