@@ -46,13 +46,16 @@ def test_backfill_figures_in_prometheus_match_the_manifest(ray_local, prometheus
         assert prometheus.wait_for_value(expr, counts[status]) == counts[status], expr
     assert prometheus.value(f"aigc_backfill_progress_ratio{{{pushed}}}") == 1.0
     assert prometheus.value(f"aigc_backfill_input_rows{{{pushed}}}") == counts["total"]
+    # every input row went through a generate task once, counted as it reported (before its commit)
+    assert prometheus.value(f"aigc_backfill_generated_rows_total{{{pushed}}}") == counts["total"]
     assert prometheus.value(f"aigc_backfill_tokens_total{{{pushed}}}") == manifest["tokens"]["generated"]
     for kind in ("data", "errors"):
         assert prometheus.value(f'aigc_storage_written_bytes_total{{{pushed},kind="{kind}"}}') == \
             manifest["bytes"][kind]
 
     # The generator actor's figures, through Ray's metrics port: every row that reached the generate
-    # stage came out ok (the filter drops some of them afterwards), in one engine call per shard.
+    # stage came out ok (the filter drops some of them afterwards), in one engine call per generate task
+    # (a 50-row shard is one task).
     generated = counts["ok"] + counts["filtered"]
     expr = f'sum(ray_aigc_generate_rows_total{{run="{run}",status="ok"}})'
     assert prometheus.wait_for_value(expr, generated) == generated
