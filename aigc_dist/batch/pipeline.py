@@ -208,7 +208,8 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
     total, chunks = count_rows(tables[side], storage, limits)
     num_shards = max(1, math.ceil(total / backfill.rows_per_file))
     log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
-    parts = [read_work_rows(tables[side], RowRules(side, num_shards, id_salt, limits), storage, "requests", chunks)]
+    parts = [read_work_rows(tables[side], RowRules(side, num_shards, id_salt, limits), storage, "requests", chunks,
+                            rows=total)]
     if "users" in tables:
         parts.append(read_work_rows(tables["users"], RowRules("users", num_shards, limits=limits), storage, "users"))
         parts.append(read_work_rows(tables["items"], RowRules("items", 1, limits=limits), storage, "items"))
@@ -259,7 +260,7 @@ def ensure_ray(backfill: BackfillConfig) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
 
 
-def quiet_ray_data() -> str | None:
+def quiet_ray_data() -> None:
     """Ray Data's info lines (plans, operator progress bars) go to its log file only, where the driver
     says they are: the progress line tells how the run goes; Ray Data's warnings still reach stderr."""
     import ray.data
@@ -274,7 +275,6 @@ def quiet_ray_data() -> str | None:
     directory = get_log_directory()
     if directory:
         log.info("Ray Data's log: %s", os.path.join(directory, "ray-data.log"))
-    return directory
 
 
 def _generated_tasks(pending: list[int], context: ShardContext, item_refs: list[Any]) -> Iterator[dict[str, Any]]:

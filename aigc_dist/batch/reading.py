@@ -140,12 +140,13 @@ def _read_parquet(paths: list[str], fs: pafs.FileSystem, blocks: int | None = No
 
 
 def read_work_rows(table: InputTable, rules: RowRules, storage: Storage, part: str | None = None,
-                   chunks: list[TextChunk] | None = None) -> Any:
+                   chunks: list[TextChunk] | None = None, rows: int | None = None) -> Any:
     """A Ray Dataset of the table's work rows (streaming: nothing is collected on the driver).
 
     `part` adds a column with that value, so that several tables can be written in one pass
     partitioned by (part, shard). `chunks` are the ranges `count_rows` numbered (else line numbers
-    of later jsonl ranges are given as byte offsets).
+    of later jsonl ranges are given as byte offsets); `rows`, the parquet row count `count_rows` read
+    from the footers (else they are read here).
     """
     import ray
 
@@ -155,7 +156,8 @@ def read_work_rows(table: InputTable, rules: RowRules, storage: Storage, part: s
         # any size) turned the 2,000 items of a small run into 14 read, validate and write tasks each,
         # most of a partition pass's 11 s on 2 cores. At least one per file: a block of two files
         # would give each file's rows the columns of the other (validated as the file never had them).
-        blocks = max(len(paths), math.ceil(_parquet_rows(fs, paths) / READ_BLOCK_ROWS))
+        rows = _parquet_rows(fs, paths) if rows is None else rows
+        blocks = max(len(paths), math.ceil(rows / READ_BLOCK_ROWS))
         return _read_parquet(paths, fs, blocks).map_batches(
             normalize_arrow, batch_format="pyarrow", fn_kwargs={"rules": rules, "part": part})
     chunks = chunks or text_chunks(table, storage, rules.limits)

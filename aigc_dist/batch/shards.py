@@ -51,8 +51,9 @@ GENERATED_SCHEMAS = {
     .append(pa.field("height", pa.int32())),
 }
 PENDING_ERRORS_SCHEMA = ERRORS_SCHEMA.remove(ERRORS_SCHEMA.get_field_index("created_at"))
-# One generate task: its shard, its place among the shard's tasks, its rows, and (task 0 only) the
-# shard's errors so far. The same record, generated, is what a generator writes under `_work/`.
+# One generate task: its shard, its place among the shard's tasks, its range's prepared rows and
+# errors (task 0 also the shard's bad profile rows). Generated, the same record is what a generator
+# writes under `_work/`.
 TASK_SCHEMA = pa.schema([("shard", pa.int32()), ("task", pa.int32()), ("num_tasks", pa.int32()),
                          ("rows", pa.large_binary()), ("errors", pa.large_binary()), ("stats", pa.string())])
 # What a generator tells the driver of each task it finished (JSON): where its rows are, how many, who.
