@@ -30,7 +30,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import zip_longest
 from typing import Any
@@ -46,6 +46,7 @@ from aigc_dist.batch.progress import Progress, build_manifest
 from aigc_dist.batch.reading import count_rows, read_work_rows, work_dataset
 from aigc_dist.batch.records import ReadLimits
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer
+from aigc_dist.batch.startup import input_ready, room_to_overlap, start_gate
 from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, StorageConfig, config_digest
 from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.errors import UserError
@@ -136,7 +137,7 @@ def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any])
     """What a run is: resuming it with anything that changes its output would mix two outputs."""
     decisive = backfill.model_dump(mode="json", exclude={
         "run_id", "output", "artifact", "min_actors", "max_actors", "cpus_per_actor", "gpus_per_actor",
-        "progress_interval_s", "lock_stale_after_s"})
+        "progress_interval_s", "lock_stale_after_s", "startup_overlap"})
     decisive["data"] = data.model_dump(mode="json", include={
         "max_id_chars", "max_value_chars", "max_record_bytes", "max_nesting_depth", "max_fields", "format"})
     decisive["model_digest"] = model["digest"]
@@ -192,13 +193,17 @@ def _check_inputs(then: list[Any], now: list[Any], run_id: str) -> None:
 
 
 def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable], backfill: BackfillConfig,
-               data: DataConfig, id_salt: str, lock: RunLock) -> dict[str, Any]:
-    """Write the input partitioned by shard under `_work/<pass>/` (once per run) and return the plan."""
+               data: DataConfig, id_salt: str, lock: RunLock) -> tuple[dict[str, Any], Callable[[], None] | None]:
+    """The run's plan, and the pass that writes its input under `_work/<pass>/` (None once the plan exists).
+
+    The plan's shard count is known once the input is counted, before the pass writes a row: the
+    driver starts the actor pools while the pass runs (startup.py). The pass writes `_plan.json` last.
+    """
     fingerprint = [table.fingerprint for table in tables.values()]
     if storage.exists(layout.plan):
         plan = storage.read_json(layout.plan)
         _check_inputs(plan["inputs"], fingerprint, backfill.run_id)
-        return plan
+        return plan, None
     _failpoint("partition")
     # A pass of its own: files of an earlier pass (one that died, or of a driver that lost the lock)
     # are never mixed in; they go with the rest of _work/ when the run completes.
@@ -207,29 +212,36 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
     side = "requests" if "requests" in tables else "candidates"
     total, chunks = count_rows(tables[side], storage, limits)
     num_shards = max(1, math.ceil(total / backfill.rows_per_file))
-    log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
-    parts = [read_work_rows(tables[side], RowRules(side, num_shards, id_salt, limits), storage, "requests", chunks,
-                            rows=total)]
-    if "users" in tables:
-        parts.append(read_work_rows(tables["users"], RowRules("users", num_shards, limits=limits), storage, "users"))
-        parts.append(read_work_rows(tables["items"], RowRules("items", 1, limits=limits), storage, "items"))
-    out_fs, out_path = storage.filesystem(layout.work_pass(work))
-    work_rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    work_rows.write_parquet(out_path, filesystem=out_fs, partition_cols=["part", "shard"])
-    _failpoint("partitioned")
-    # The pass read the live input: had it changed since the fingerprint, the plan would vouch for
-    # content the run never read.
-    _check_inputs(fingerprint, [identify(t, storage).fingerprint for t in tables.values()], backfill.run_id)
     plan = {"num_shards": num_shards, "total_rows": total, "rows_per_file": backfill.rows_per_file,
-            "inputs": fingerprint, "work": work, "planned_at": time.time()}
-    _fenced(lock, storage)
-    try:
-        storage.write_json(layout.plan, plan, if_absent=True)
-    except AlreadyExistsError:  # a retried write that landed (or another pass won): the plan is what is there
-        plan = storage.read_json(layout.plan)
-        _check_inputs(plan["inputs"], fingerprint, backfill.run_id)
-    _failpoint("planned")
-    return plan
+            "inputs": fingerprint, "work": work}
+
+    def write_pass() -> None:
+        log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
+        parts = [read_work_rows(tables[side], RowRules(side, num_shards, id_salt, limits), storage, "requests",
+                                chunks, rows=total)]
+        if "users" in tables:
+            parts.append(read_work_rows(tables["users"], RowRules("users", num_shards, limits=limits), storage,
+                                        "users"))
+            parts.append(read_work_rows(tables["items"], RowRules("items", 1, limits=limits), storage, "items"))
+        out_fs, out_path = storage.filesystem(layout.work_pass(work))
+        work_rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        work_rows.write_parquet(out_path, filesystem=out_fs, partition_cols=["part", "shard"])
+        _failpoint("partitioned")
+        # The pass read the live input: had it changed since the fingerprint, the plan would vouch for
+        # content the run never read.
+        _check_inputs(fingerprint, [identify(t, storage).fingerprint for t in tables.values()], backfill.run_id)
+        _fenced(lock, storage)
+        try:
+            storage.write_json(layout.plan, {**plan, "planned_at": time.time()}, if_absent=True)
+        except AlreadyExistsError:  # a retried write that landed: the plan there must be this pass's
+            written = storage.read_json(layout.plan)
+            if written["work"] != work:
+                raise BackfillError(f"another driver planned run {backfill.run_id} while this one held its lock "
+                                    f"({layout.plan}); run the same config again to resume") from None
+        _failpoint("planned")
+        log.info("partition pass done: %s rows in %d shards", f"{total:,}", num_shards)
+
+    return plan, write_pass
 
 
 def _item_refs(layout: RunLayout, storage: Storage, plan: dict[str, Any], data: DataConfig) -> tuple[Any, list[Any]]:
@@ -277,7 +289,7 @@ def quiet_ray_data() -> None:
         log.info("Ray Data's log: %s", os.path.join(directory, "ray-data.log"))
 
 
-def _generated_tasks(pending: list[int], context: ShardContext, item_refs: list[Any]) -> Iterator[dict[str, Any]]:
+def _generated_tasks(pending: list[int], context: ShardContext, gate: Any) -> Iterator[dict[str, Any]]:
     """Ray Data: the pending shards through prepare -> generate; yields what each generate task reports."""
     import ray
 
@@ -285,7 +297,7 @@ def _generated_tasks(pending: list[int], context: ShardContext, item_refs: list[
     ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(ShardPreparer, batch_size=1, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=backfill.max_actors),
-                        fn_constructor_kwargs={"context": context, "item_refs": item_refs})
+                        fn_constructor_kwargs={"context": context, "gate": gate})
     ds = ds.map_batches(ShardGenerator, batch_size=1, batch_format="pyarrow", num_cpus=backfill.cpus_per_actor,
                         num_gpus=backfill.gpus_per_actor or None,
                         compute=ray.data.ActorPoolStrategy(min_size=backfill.min_actors, max_size=backfill.max_actors,
@@ -300,7 +312,7 @@ def _generated_tasks(pending: list[int], context: ShardContext, item_refs: list[
         yield json.loads(row["generated"])
 
 
-def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[Any],
+def _shard_pipeline(pending: list[int], context: ShardContext, gate: Any,
                     progress: Progress) -> Iterator[dict[str, Any]]:
     """Generate the pending shards, finish each once all its tasks are in; yields each commit marker."""
     import ray
@@ -315,7 +327,7 @@ def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[A
                 raise FencedError(marker["fenced"])
             yield marker
 
-    for task in _generated_tasks(pending, context, item_refs):
+    for task in _generated_tasks(pending, context, gate):
         tasks = gathered.setdefault(task["shard"], {})
         if task["task"] in tasks:  # a task Ray ran again (its output was lost with a node) reports twice
             continue
@@ -331,6 +343,27 @@ def _shard_pipeline(pending: list[int], context: ShardContext, item_refs: list[A
     while finishing:
         done, finishing = ray.wait(finishing, num_returns=1)
         yield from committed(done)
+
+
+def _generate(pending: list[int], context: ShardContext, write_pass: Callable[[], None] | None,
+              plan: dict[str, Any], data: DataConfig, progress: Progress) -> Iterator[dict[str, Any]]:
+    """The pending shards' commit markers; a new run's partition pass (`write_pass`) runs beside the
+    actor pools' start when the cluster has room for both (startup.py)."""
+    layout, storage, backfill = RunLayout(context.root), Storage(context.storage), context.backfill
+    items: list[Any] = []  # the broadcast catalog's dataset: its blocks stay until the shards are done
+
+    def item_refs() -> list[Any]:
+        if not context.joins_users:
+            return []
+        dataset, refs = _item_refs(layout, storage, plan, data)
+        items.append(dataset)
+        return refs
+
+    gate = start_gate()
+    overlap = (backfill.startup_overlap == "on" or backfill.startup_overlap == "auto"
+               and room_to_overlap(backfill.max_actors * (backfill.cpus_per_actor + PREPARE_CPUS)))
+    with input_ready(gate, write_pass, item_refs, overlap):
+        yield from _shard_pipeline(pending, context, gate, progress)
 
 
 def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
@@ -420,24 +453,21 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
     with (RunLock(layout.lock, storage, backfill.lock_stale_after_s, heartbeat_s) as lock,
           exported_metrics(backfill.run_id, metrics_config) as metrics):
         run_info = _record_run(layout, storage, backfill, model, identity, lock)
-        plan = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model), lock)
-        committed = read_commits(layout, storage)
+        plan, write_pass = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model), lock)
+        committed = read_commits(layout, storage) if write_pass is None else {}
         pending = [k for k in range(plan["num_shards"]) if k not in committed]
         log.info("backfill %s: %d of %d shards to do (%s)", backfill.run_id, len(pending), plan["num_shards"],
                  layout.root)
         progress = Progress(layout, storage, backfill.run_id, plan, committed, started, metrics)
         with progress.reporting(lock.check, backfill.progress_interval_s):
             if pending:
-                joins_users = "users" in tables
-                items, item_refs = _item_refs(layout, storage, plan, data) if joins_users else (None, [])
-                context = ShardContext(layout.root, backfill, storage_config, joins_users, model, plan["work"],
+                context = ShardContext(layout.root, backfill, storage_config, "users" in tables, model, plan["work"],
                                        lock.fence, uuid.uuid4().hex[:12], model["template"], model["tokenizer"],
                                        model["labels"])
-                for marker in _shard_pipeline(pending, context, item_refs, progress):
+                for marker in _generate(pending, context, write_pass, plan, data, progress):
                     progress.add(marker)
                     progress.check()
                     _failpoint("shard_committed")
-                del items  # the broadcast catalog may leave the object store now
         manifest = _finish(layout, storage, run_info, plan, progress, lock)
     counts = manifest["counts"]
     log.info("backfill %s complete: %d rows (%d ok, %d quarantined, %d filtered) -> %s", backfill.run_id,

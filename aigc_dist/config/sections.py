@@ -241,6 +241,12 @@ class BackfillConfig(Section):
         description="Rows of one generate task, the unit spread over every generator actor whatever the shard "
         "count (a shard's tasks are gathered into its one file); default 8 x batch_size.",
     )
+    startup_overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="A new run's partition pass runs while the actor pools start (process start, artifact load). "
+        "auto: when the cluster has a CPU for the pass beside the pools (a one-node Ray counts the machine's "
+        "cores, not its logical CPUs: on a small machine both are CPU work and gain nothing from overlapping).",
+    )
     max_chars: int | None = Field(None, ge=1, description="Filter: longest acceptable copy (characters).")
     banned_terms: list[str] = Field(default_factory=list, description="Filter: copy containing any is dropped.")
     require_item_mention: bool = Field(False, description="Filter: copy must name the item title or category.")
