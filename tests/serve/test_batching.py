@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -78,15 +79,17 @@ def test_reconfigure_to_a_second_artifact_under_load_fails_no_request(serve_clus
                     versions.append(answer.json()["model"]["version"])
                 time.sleep(0.02)
 
+    def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition() and not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     worker = threading.Thread(target=light_load)
     worker.start()
     try:
-        time.sleep(1.0)
+        wait_until(lambda: versions.count("v1") >= 5)  # the load runs against v1 before the swap
         serve_cluster.deploy("reconfigure", serve_kit.config(artifact=serve_kit.lm_v2))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not versions or versions[-1] != "v2"):
-            time.sleep(0.1)
-        time.sleep(0.5)
+        wait_until(lambda: versions.count("v2") >= 5)  # and goes on against v2 after it
     finally:
         stop.set()
         worker.join()
