@@ -2,7 +2,8 @@
 
 An attempt writes `data/` and `errors/` files under names no other attempt uses (a random attempt
 id), then creates `_commits/shard-SSSSS.json` with `if_absent=True`. The marker is the commit: it
-names the files and their row counts. Whatever happens around it:
+names the files and their row counts (a shard over `backfill.max_file_bytes` is several files, in
+row order). Whatever happens around it:
 
 - a crash before the marker leaves files no marker names; they are never read (the manifest lists
   committed files only) and the sweep at the end of the run deletes them;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -42,9 +44,19 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def file_parts(table: pa.Table, max_file_bytes: int | None) -> list[pa.Table]:
+    """A shard's rows cut into consecutive parts of about `max_file_bytes` of Arrow data each (parquet
+    compresses, so a part's file is at most about that); one part when it fits or no limit is set."""
+    if max_file_bytes is None or table.nbytes <= max_file_bytes or table.num_rows <= 1:
+        return [table]
+    rows = math.ceil(table.num_rows / math.ceil(table.nbytes / max_file_bytes))
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+
+
 def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[str, pa.Table],
-                 stats: dict[str, Any], fence: Fence) -> dict[str, Any]:
-    """Write `outputs` ({"data": table, "errors": table}) as the shard's files and commit them.
+                 stats: dict[str, Any], fence: Fence, max_file_bytes: int | None = None) -> dict[str, Any]:
+    """Write `outputs` ({"data": table, "errors": table}) as the shard's files and commit them (a table
+    over `max_file_bytes` as several files, in row order).
 
     Returns the shard's commit marker: ours, or the one that won if another attempt committed first.
     FencedError (nothing committed, nothing deleted) when `fence` is no longer the run's lock holder.
@@ -54,10 +66,12 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
     for kind, table in outputs.items():
         if table.num_rows == 0:
             continue
-        relative = layout.output_file(kind, shard, attempt)
-        body = parquet_bytes(table)
-        storage.write_bytes(layout.uri(relative), body)
-        files.append({"path": relative, "kind": kind, "rows": table.num_rows, "bytes": len(body)})
+        parts = file_parts(table, max_file_bytes)
+        for number, part in enumerate(parts):
+            relative = layout.output_file(kind, shard, attempt, number if len(parts) > 1 else None)
+            body = parquet_bytes(part)
+            storage.write_bytes(layout.uri(relative), body)
+            files.append({"path": relative, "kind": kind, "rows": part.num_rows, "bytes": len(body)})
     marker = {"shard": shard, "attempt": attempt, "committed_at": utc_now(), "files": files, **stats}
     fence.check(storage)
     try:

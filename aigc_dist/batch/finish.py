@@ -98,7 +98,7 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     schema = TEXT_SCHEMA if backfill.mode == "text" else IMAGE_SCHEMA
     outputs = {"data": pa.Table.from_pylist(data, schema=schema),
                "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
-    marker = commit_shard(layout, storage, shard, outputs, stats, context.fence)
+    marker = commit_shard(layout, storage, shard, outputs, stats, context.fence, backfill.max_file_bytes)
     # Committed (ours or a winner's): the task files are this session's own and no longer needed;
     # what a failed delete leaves goes with `_work/` when the run completes.
     for task in tasks:

@@ -106,9 +106,11 @@ class RunLayout:
         return self.uri(f"_commits/shard-{shard:05d}.json")
 
     @staticmethod
-    def output_file(kind: str, shard: int, attempt: str) -> str:
-        """Relative path of a shard attempt's data or errors file."""
-        return f"{kind}/shard-{shard:05d}-{attempt}.parquet"
+    def output_file(kind: str, shard: int, attempt: str, part: int | None = None) -> str:
+        """Relative path of a shard attempt's data or errors file (`part`: one of several, when the
+        shard's rows are over backfill.max_file_bytes)."""
+        suffix = "" if part is None else f"-part{part:04d}"
+        return f"{kind}/shard-{shard:05d}-{attempt}{suffix}.parquet"
 
 
 def read_commits(layout: RunLayout, storage: Storage) -> dict[int, dict[str, Any]]:

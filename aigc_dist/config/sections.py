@@ -236,6 +236,12 @@ class BackfillConfig(Section):
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, ge=0, description="Base seed; each row's seed derives from it and request_id.")
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per output parquet file.")
+    max_file_bytes: int = Field(
+        512 * 1024**2,
+        ge=1024,
+        description="Target bytes per output parquet file: a shard whose rows hold more (images, long copy) is "
+        "written as several files of about this size at most, in row order, committed together.",
+    )
     rows_per_task: int | None = Field(
         None, ge=1, le=1_000_000,
         description="Rows of one generate task, the unit spread over every generator actor whatever the shard "
