@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
+import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 
-from aigc_dist.batch.pipeline import exported_metrics, run_backfill
+from aigc_dist.batch.pipeline import FAILPOINT_ENV, exported_metrics, run_backfill
 from aigc_dist.config import MetricsConfig, StorageConfig
 
 
@@ -34,10 +37,37 @@ def test_backfill_figures_in_prometheus_match_the_manifest(ray_local, prometheus
     backfill = kit.config(str(tmp_path / "out"), lm_artifact, run_id=run, rows_per_file=50, max_actors=1)
     metrics = MetricsConfig(port=prometheus.driver_port, pushgateway_url=prometheus.pushgateway_url)
     started = time.time()
+    # The driver holds still after its 2nd commit (a failpoint) until Prometheus has scraped its live
+    # /metrics with committed rows on it: the live series is asserted, not only the final push.
+    release = tmp_path / "release"
+    live = f'aigc_backfill_rows_total{{job="aigc-driver",run="{run}",status="ok"}}'
+    result: dict[str, Any] = {}
 
-    manifest = run_backfill(backfill, kit.world_data(world_dir), StorageConfig(), metrics)
+    def drive() -> None:
+        try:
+            result["manifest"] = run_backfill(backfill, kit.world_data(world_dir), StorageConfig(), metrics)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            result["error"] = exc
+
+    driver = threading.Thread(target=drive)
+    os.environ[FAILPOINT_ENV] = f"shard_committed:2=wait:{release}"
+    try:
+        driver.start()
+        held = prometheus.wait_for(live, lambda value: bool(value and value > 0) or not driver.is_alive())
+        assert "error" not in result, result
+        assert driver.is_alive() and held is not None and held > 0, held  # scraped mid-run, rows on it
+        ratio = prometheus.value(f'aigc_backfill_progress_ratio{{job="aigc-driver",run="{run}"}}')
+        assert ratio is not None and 0 < ratio < 1
+    finally:
+        os.environ.pop(FAILPOINT_ENV, None)
+        release.touch()
+        driver.join(timeout=600)
+    if "error" in result:
+        raise result["error"]
+    manifest = result["manifest"]
 
     counts = manifest["counts"]
+    assert held < counts["ok"]  # the scrape saw the run part-way, then it went on
     assert counts["ok"] > 0
     # The driver's final figures, pushed as it ended (its own /metrics closed with it).
     pushed = f'job="aigc-backfill",run="{run}"'
@@ -65,13 +95,9 @@ def test_backfill_figures_in_prometheus_match_the_manifest(ray_local, prometheus
     assert batches == manifest["num_shards"] == 6
     assert prometheus.value(f'sum(ray_aigc_generate_batch_seconds_count{{run="{run}"}})') == batches
 
-    # The run's rows/s and tokens/s over the run are above zero (the driver's /metrics itself is read
-    # over real HTTP in tests/test_metrics.py; whether a scrape lands within a few-second run is timing).
-    # The live series and the pushed one are the same counter: `max` joins them without counting twice.
-    # The window starts 60 s before the run, when this run's series did not exist: `or on() vector(0)`
-    # reads that time as 0, so the rise is in the window however the run's commits fell between scrapes.
-    window = f"{math.ceil(time.time() - started) + 60}s"  # from 60 s before the run to now
-    for selector in (f'aigc_backfill_rows_total{{run="{run}",status="ok"}}',
-                     f'aigc_backfill_tokens_total{{run="{run}"}}'):
-        rate = f"rate((max({selector}) or on() vector(0))[{window}:500ms])"
+    # The live series alone (job aigc-driver, scraped every 250 ms; the counters exist at 0 from the
+    # driver's first scrape on) rose during the run: its rate over the run is above zero.
+    window = f"{math.ceil(time.time() - started) + 5}s"
+    for selector in (live, f'aigc_backfill_tokens_total{{job="aigc-driver",run="{run}"}}'):
+        rate = f"rate({selector}[{window}])"
         assert (prometheus.wait_for(rate, lambda value: bool(value and value > 0)) or 0) > 0, rate

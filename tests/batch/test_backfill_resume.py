@@ -15,6 +15,7 @@ import pytest
 
 from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, run_backfill
+from aigc_dist.batch.progress import run_status
 from aigc_dist.cli import EXIT_RUN_LOCKED, main
 from aigc_dist.config import StorageConfig
 from aigc_dist.storage import Storage
@@ -76,7 +77,13 @@ def test_second_driver_fails_fast_then_sigkill_from_outside_and_resume(uninterru
     kit.wait_for(lambda: read_commits(layout, storage), first)  # mid-stream: some shards committed
     os.kill(first.pid, signal.SIGKILL)
     assert first.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
-    assert 1 <= len(read_commits(layout, storage)) < NUM_SHARDS  # the kill came mid-run: shards were pending
+    commits = read_commits(layout, storage)
+    assert 1 <= len(commits) < NUM_SHARDS  # the kill came mid-run: shards were pending
+    # `backfill status` of a run whose driver is gone: interrupted, its committed rows, how to resume.
+    status = run_status(str(tmp_path / "busy"), storage)
+    assert status["state"] == "interrupted" and status["shards_committed"] == len(commits)
+    assert status["rows_done"] == status["rows_committed"] == sum(m["counts"]["total"] for m in commits.values())
+    assert status["eta_s"] is None and "run the same config again to resume" in status["detail"]
 
     manifest = run_backfill(backfill, data, StorageConfig())  # the dead driver's lock is stale at once
 

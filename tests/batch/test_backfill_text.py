@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,6 +86,65 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
     assert "complete, 2,000/2,000 rows (100.0%), 2,000 committed in 8/8 shards" in capsys.readouterr().out
     again = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())  # complete: nothing redone
     assert again["timings"] == manifest["timings"]
+
+
+
+def _expected_filter(row: dict, min_chars: int, banned: str) -> str | None:
+    """The rule a copy breaks, in the order the filters apply them (none: it belongs in data/)."""
+    if len(row["content"].strip()) < min_chars:
+        return "shorter than min_chars"
+    if banned.casefold() in row["content"].casefold():
+        return "contains banned term"
+    if not row["grounded"]:
+        return "does not mention the item"
+    return None
+
+
+@pytest.mark.timeout(1500)  # with the shared model's training when run alone
+def test_quality_filters_move_exactly_the_rows_that_break_them_to_errors(ray_local, tmp_path, kit,
+                                                                         trained_copy_model):
+    """A run without filters, then the same run with min_chars, banned_terms and require_item_mention set
+    from its copy (a length and a word that some rows have and others lack): every row that breaks a
+    rule is in errors/ under stage "filter" with that rule and its copy, every other row is in data/ with
+    the same copy."""
+    everyone = make_world(trained_copy_model.world)
+    last_users = pa.array([u["user_id"] for u in everyone.users.to_pylist()[-20:]])
+    world = dataclasses.replace(everyone, candidates=everyone.candidates.filter(
+        pc.is_in(everyone.candidates["user_id"], last_users)))
+    write_world(world, str(tmp_path / "world"))  # 200 candidates
+    data = kit.world_data(str(tmp_path / "world"))
+    # Greedy, cut at 20 tokens (bytes): copy that opens with its category ("New in shoes: ...") names the
+    # item by then, copy that opens "Meet the <title>" has not finished the title; Chinese copy is fewer
+    # characters for the same bytes.
+    settings = {"rows_per_file": 1000, "max_new_tokens": 20, "temperature": 0.0}
+    run_backfill(kit.config(str(tmp_path), trained_copy_model.artifact, run_id="unfiltered", min_chars=0,
+                            **settings), data, StorageConfig())
+    unfiltered, none_dropped = read_output(str(tmp_path / "unfiltered"))
+    assert unfiltered.num_rows == 200 and none_dropped.num_rows == 0
+    rows = {r["request_id"]: r for r in unfiltered.to_pylist()}
+    lengths = sorted(len(r["content"].strip()) for r in rows.values())
+    min_chars = lengths[len(lengths) // 4] + 1  # about a quarter of the copy is shorter
+    words = Counter(w for r in rows.values() for w in set(r["content"].casefold().split()) if len(w) >= 4)
+    banned = next(w for w, n in words.most_common() if n <= len(rows) // 3)  # common, yet in a third at most
+    expected = {rid: _expected_filter(r, min_chars, banned) for rid, r in rows.items()}
+    for rule in ("shorter than min_chars", "contains banned term", "does not mention the item"):
+        assert rule in expected.values(), f"no copy breaks {rule!r}: the test would prove nothing of it"
+    assert None in expected.values()
+
+    manifest = run_backfill(kit.config(str(tmp_path), trained_copy_model.artifact, run_id="filtered",
+                                       min_chars=min_chars, banned_terms=[banned.upper()],
+                                       require_item_mention=True, **settings), data, StorageConfig())
+    kept, dropped = read_output(str(tmp_path / "filtered"))
+    assert sorted(kept["request_id"].to_pylist()) == sorted(k for k, rule in expected.items() if rule is None)
+    for row in kept.to_pylist():
+        assert row["content"] == rows[row["request_id"]]["content"]  # the same copy, only kept or not
+    assert dropped.num_rows == sum(rule is not None for rule in expected.values())
+    for error in dropped.to_pylist():
+        rule = expected[error["request_id"]]
+        assert error["stage"] == "filter" and error["error"].startswith(rule), (error, rule)
+        assert error["content"] == rows[error["request_id"]]["content"]  # the copy is kept for inspection
+    counts = manifest["counts"]
+    assert counts["filtered"] == dropped.num_rows and counts["ok"] == kept.num_rows and counts["quarantined"] == 0
 
 
 def _jsonl(path: Path, lines: list[bytes]) -> str:

@@ -59,7 +59,18 @@ def test_train_with_ray_job_submit_then_backfill_with_aigc_dist_submit(ray_head,
     assert trained.returncode == 0, trained.stdout[-5000:] + trained.stderr[-3000:]
     assert f"train {run}: 6 steps" in trained.stdout  # the driver's last line, streamed back by `ray job submit`
     artifact = f"{bucket}/runs/models/{run}/v1"
-    assert Storage().read_json(join_uri(artifact, "metadata.json"))["step"] == 6
+    trained_meta = Storage().read_json(join_uri(artifact, "metadata.json"))
+    assert trained_meta["step"] == 6
+
+    # `submit export` of the run's newest checkpoint, as a job: the same model the run itself exported.
+    exported_uri = f"{bucket}/exports/{run}"
+    exported = ray_head.run(
+        "aigc-dist", "submit", "export", "--address", ray_head.address, "--checkpoint", f"{bucket}/runs/{run}",
+        "--output", exported_uri, "--wait", *[f"--env={name}" for name in S3_VARIABLES], timeout=600)
+    assert exported.returncode == 0, exported.stdout[-5000:] + exported.stderr[-3000:]
+    assert f"as job export-runs-{run}" in exported.stderr and "SUCCEEDED" in exported.stderr
+    exported_meta = Storage().read_json(join_uri(exported_uri, "metadata.json"))
+    assert exported_meta["step"] == 6 and exported_meta["digest"] == trained_meta["digest"]
 
     # The same artifact backfilled on the cluster: S3 settings reach the job only through --env.
     run_id, output = f"copy-{run}", join_uri(bucket, "backfills")
@@ -88,6 +99,28 @@ def test_train_with_ray_job_submit_then_backfill_with_aigc_dist_submit(ray_head,
     assert status["metadata"] == {"aigc_dist_command": "backfill", "aigc_dist_run": run_id}
     logs = ray_head.run("aigc-dist", "jobs", "logs", job, "--address", ray_head.address, timeout=60)
     assert logs.returncode == 0 and f"backfill {run_id}: complete" in logs.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_submit_wait_on_a_job_that_fails_exits_with_the_drivers_status_and_error(ray_head, bucket):
+    """A backfill of an artifact that is not there: the job fails; `submit --wait` streams the driver's
+    error, says FAILED and exits with the driver's own status (as `jobs status` reports it)."""
+    run_id = f"missing-{uuid.uuid4().hex[:6]}"
+    missing = f"{bucket}/models/none/v1"
+    world = join_uri(bucket, "world")
+    failed = ray_head.run(
+        "aigc-dist", "submit", "backfill", "--address", ray_head.address, "--config", "jobs/configs/backfill.toml",
+        "--wait", *[f"--env={name}" for name in S3_VARIABLES], f"--backfill.run_id={run_id}",
+        f"--backfill.output={bucket}/backfills", f"--backfill.artifact={missing}",
+        f"--data.users={world}/users.parquet", f"--data.items={world}/items.parquet",
+        f"--data.candidates={world}/candidates.parquet", "--metrics.port=0", timeout=600)
+    job = f"backfill-{run_id}"
+    status = job_status(ray_head, job)
+    assert status["status"] == "FAILED" and status["driver_exit_code"] not in (None, 0), status
+    assert failed.returncode == status["driver_exit_code"], failed.stderr[-3000:]
+    assert f"job {job}: FAILED (exit {failed.returncode})" in failed.stderr
+    assert f"backfill.artifact: {missing} is not a complete artifact" in failed.stdout + failed.stderr
 
 
 @pytest.mark.slow

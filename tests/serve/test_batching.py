@@ -33,7 +33,9 @@ def test_concurrent_requests_share_forward_passes_and_each_caller_gets_its_own_c
         requests_decoded = after.get("text_requests", 0) - before.get("text_requests", 0)
         batches = after.get("text_batches", 0) - before.get("text_batches", 0)
         assert requests_decoded == 16
-        assert batches < 16, f"16 concurrent requests took {batches} forward-pass batches"
+        # Batched, not merely "fewer than 16": benchmarks/serve_latency.py measures a mean batch of ~9 at 32
+        # clients; with batching off (max_batch_size 1) the mean is 1.
+        assert requests_decoded / batches >= 4, f"16 concurrent requests took {batches} forward-pass batches"
 
         engine = TextEngine(load_artifact(serve_kit.lm_v1, Storage()))
         expected = engine.generate([TextRequest(b["user"], b["item"], b["seed"], SamplingParams(max_new_tokens=12))

@@ -12,6 +12,7 @@ import torch
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
 from aigc_dist.storage import Storage
+from aigc_dist.train.checkpoints import DEEPSPEED_TAG
 from aigc_dist.train.export import export_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -45,3 +46,16 @@ def test_zero3_trains_like_zero2_and_exports_the_gathered_weights(ray_local, dee
     embedding = "model.embed_tokens.weight"  # tied to lm_head: gathered once, exported once
     assert not torch.equal(gathered.model.state_dict()[embedding], initial[embedding])  # it trained
     assert gathered.model.lm_head.weight is gathered.model.model.embed_tokens.weight
+
+    # Partitioned for real: each rank's checkpoint shard holds its own slice of the fp32 master weights
+    # (DeepSpeed's fp32_flat_groups), about half of the model's parameters, and the two slices together
+    # hold all of them (plus alignment padding).
+    total = sum(p.numel() for p in gathered.model.parameters())  # the tied embedding once
+    state_dir = Path(result.checkpoint_uri) / "model" / DEEPSPEED_TAG
+    per_rank = []
+    for rank in range(2):
+        shard = torch.load(state_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
+                           weights_only=False)  # DeepSpeed's own pickle, written by this test's run
+        per_rank.append(sum(t.numel() for t in shard["optimizer_state_dict"]["fp32_flat_groups"]))
+    assert all(0.4 * total < n < 0.6 * total for n in per_rank), (per_rank, total)
+    assert total <= sum(per_rank) <= total + 1024, (per_rank, total)
