@@ -8,6 +8,16 @@ longest request as TextEngine sizes it), theirs with `AutoModelForCausalLM.from_
 exactly 256 new tokens per row (no EOS); tokens/s counts new tokens over the whole call, prefill
 included, at batch 1 and batch 32.
 
+Kernels, side by side (the same torch build, one thread):
+- attention: both call torch's `F.scaled_dot_product_attention` (ours in models/llama.py; transformers
+  picks its "sdpa" implementation for these checkpoints, checked with `config._attn_implementation`);
+- the products: transformers calls `F.linear` per projection (torch's CPU matmul: MKL here); ours runs
+  one fused q|k|v and one gate|up product per layer, through oneDNN's packed layout for large
+  weights and MKL for small ones (engine/cpu_layout.py), so the difference is in the products and
+  the number of calls, not in attention;
+- the KV cache: ours a preallocated per-slot cache (engine/decode.py), transformers its DynamicCache,
+  which grows by concatenation every step.
+
 | figure | goal |
 | --- | --- |
 | ours / transformers generate(), batch 32 | >= 2 |
