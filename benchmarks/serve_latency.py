@@ -36,7 +36,7 @@ from typing import Any
 
 import requests
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from ray import serve
 
 from aigc_dist.config import AigcConfig
@@ -70,12 +70,12 @@ bare_api = FastAPI()
 @serve.deployment(name="Bare")
 @serve.ingress(bare_api)
 class BareApp:
-    """Ray Serve with nothing of ours: a FastAPI ingress without middlewares whose POST route reads the
-    body and answers a constant (the floor any Serve app pays for a POST on this machine)."""
+    """Ray Serve with nothing of ours: a FastAPI ingress without middlewares whose POST route answers a
+    constant (the floor any Serve app pays for a POST with this body on this machine). No parameters:
+    with this module's string annotations FastAPI would take a `Request` parameter for a query field."""
 
     @bare_api.post("/echo")
-    async def echo(self, request: Request) -> dict[str, bool]:
-        await request.body()
+    async def echo(self):  # noqa: ANN201 - FastAPI reads annotations at run time (see the docstring)
         return {"ok": True}
 
 
