@@ -360,8 +360,11 @@ def _generate(pending: list[int], context: ShardContext, write_pass: Callable[[]
         return refs
 
     gate = start_gate()
-    overlap = (backfill.startup_overlap == "on" or backfill.startup_overlap == "auto"
-               and room_to_overlap(backfill.max_actors * (backfill.cpus_per_actor + PREPARE_CPUS)))
+    # Only a new run has a pass to overlap; `auto` asks the cluster (a Ray call) only then.
+    overlap = write_pass is not None and (
+        backfill.startup_overlap == "on"
+        or (backfill.startup_overlap == "auto"
+            and room_to_overlap(backfill.max_actors * (backfill.cpus_per_actor + PREPARE_CPUS))))
     with input_ready(gate, write_pass, item_refs, overlap):
         yield from _shard_pipeline(pending, context, gate, progress)
 

@@ -57,8 +57,8 @@ def room_to_overlap(pool_cpus: float) -> bool:
     A one-node Ray is judged by the machine's cores: the local Ray of `ensure_ray` has more logical
     CPUs than cores (so that the pools cannot starve the tasks that feed them), and on a machine
     with fewer cores than pools + pass the actors' start (imports, model load) and the pass are both
-    CPU work: overlapping them only shares the same cores (measured: first row 21 s sequential, 25 s
-    overlapped, 200,000 rows on 2 cores).
+    CPU work: overlapping them only shares the same cores (a one-off probe at 200,000 rows on 2
+    cores: the first row came later overlapped than sequential).
     """
     import os
 
