@@ -105,7 +105,9 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
                                     ("export", _add_export_arguments)):
         job = submit_sub.add_parser(
             name, help=f"`aigc-dist {name}` as a Ray job (jobs/{name}.py)",
-            epilog="--section.key=value overrides are validated here, then passed to the job with --config.")
+            epilog="--section.key=value overrides are validated here, then passed to the job with --config. Secret "
+            "fields (storage.secret_access_key, ...) are refused: the job gets them from the nodes' environment "
+            "($AWS_SECRET_ACCESS_KEY, ...), see docs/operations.md.")
         if add_own_arguments is not None:
             add_own_arguments(job)
         _add_config_argument(job)
@@ -115,7 +117,8 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         job.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                          help="a pip package the job needs on top of the cluster's image (repeatable)")
         job.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                         help="an environment variable of the job; NAME alone takes its value from here (repeatable)")
+                         help="an environment variable of the job; NAME alone takes its value from here (repeatable). "
+                         "Values are shown in the Ray dashboard: no secrets on a shared cluster")
         job.add_argument("--submission-id", help="the Ray job id (default: <command>-<run id>[-attemptN])")
         job.add_argument("--wait", action="store_true", help="stream the job's log, then exit with its exit status")
 
@@ -217,8 +220,9 @@ def run_export(cfg: AigcConfig, args: argparse.Namespace) -> int:
 
 
 def run_submit(cfg: AigcConfig, args: argparse.Namespace) -> int:
-    from aigc_dist.submit import FORWARDED_OPTIONS, export_run_id, submit_job
+    from aigc_dist.submit import FORWARDED_OPTIONS, export_run_id, refuse_config_file_secrets, submit_job
 
+    refuse_config_file_secrets(cfg, args.config)
     command = args.job_command
     run_id = {"train": cfg.train.run_name, "backfill": cfg.backfill.run_id}.get(command) or export_run_id(
         args.checkpoint)
@@ -257,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = None
     try:
+        if args.command == "submit":  # before the overrides are parsed, so no error can echo a secret's value
+            from aigc_dist.submit import refuse_secret_overrides
+
+            refuse_secret_overrides(extra)
         cfg = load_config(getattr(args, "config", None), extra)
         return COMMANDS[args.command](cfg, args)
     except UserError as exc:  # the message says what to change: no traceback

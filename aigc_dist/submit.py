@@ -9,12 +9,19 @@ anything reaches the cluster.
 Submission ids derive from the run (`backfill-<run_id>`, `train-<run_name>`, then `-attempt2`, ...),
 found through the job metadata this module writes; a run with a job still pending or running is not
 submitted twice (exit 4), since the same run id resumes where the last attempt stopped.
+
+Nothing secret travels with a submission: a secret config value (a field typed `SecretStr`) is
+refused, whether an override (it would be the job's entrypoint) or in the config file (uploaded);
+secret files are left out of every upload (`SECRET_FILE_PATTERNS`, also the repository's
+.rayignore); `--env` names that look secret get a warning, since runtime_env is shown to anyone who
+can open the dashboard. Credentials reach jobs through the nodes' own environment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -24,19 +31,38 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from aigc_dist.errors import EXIT_FAILED, EXIT_RUN_LOCKED, UserError
+from pydantic import BaseModel, SecretStr
+
+from aigc_dist.config import AigcConfig
+from aigc_dist.errors import EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_RUN_LOCKED, UserError
 
 # The command -> the script under the working directory that `ray job submit` runs for it.
 JOB_ENTRYPOINTS: dict[str, str] = {"train": "jobs/train.py", "backfill": "jobs/backfill.py", "export": "jobs/export.py"}
 # Command-line options of each command forwarded to its entrypoint (argparse dest names).
 FORWARDED_OPTIONS: dict[str, tuple[str, ...]] = {"train": ("resume_from",), "backfill": (),
                                                  "export": ("checkpoint", "output")}
-# Never uploaded with the working directory (gitignore patterns, on top of the directory's .gitignore
-# and .rayignore): environments, VCS data, local outputs. Ray refuses a package over 512 MiB.
+# Files that hold credentials (gitignore patterns, at any depth): never uploaded, by `aigc-dist submit`
+# (UPLOAD_EXCLUDES) nor by plain `ray job submit --working-dir .`, through the repository's .rayignore,
+# which holds the same lines (tests/test_submit.py keeps them equal). Ray reads .rayignore even when
+# RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 turns .gitignore off, and a working dir's package is readable by
+# every job of the cluster.
+SECRET_FILE_PATTERNS: list[str] = [
+    ".env", ".env.*", ".envrc",  # dotenv / direnv files
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    "credentials*", ".netrc", ".git-credentials", ".pypirc", ".npmrc",  # AWS/GCP, git, package registries
+    ".aws/", ".ssh/", ".gnupg/", ".kube/", ".docker/", "**/.config/gcloud/"]  # tools' credential directories
+# Never uploaded with the working directory (on top of the directory's .gitignore and .rayignore):
+# environments, VCS data, local outputs (Ray refuses a package over 512 MiB), and secret files.
 UPLOAD_EXCLUDES: list[str] = [".git/", ".venv/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/",
-                              ".ruff_cache/", ".hypothesis/", "aigc-demo/", "aigc-output/", "aigc-runs/"]
+                              ".ruff_cache/", ".hypothesis/", "aigc-demo/", "aigc-output/", "aigc-runs/",
+                              *SECRET_FILE_PATTERNS]
+# `--env` names that look like they carry a secret (one `_`-separated word of the name). A name ending
+# in _ID is an identifier, not a secret (AWS_ACCESS_KEY_ID names a key and grants nothing without
+# AWS_SECRET_ACCESS_KEY, which is matched), so it is not warned about.
+_SECRET_WORDS = re.compile(r"(?:^|_)(?:SECRETS?|PASSWORD|PASSWD|TOKEN|KEY|APIKEY|CREDENTIALS?|PRIVATE|AUTH)(?:_|$)",
+                           re.IGNORECASE)
 METADATA_COMMAND, METADATA_RUN = "aigc_dist_command", "aigc_dist_run"
 ACTIVE_STATES = {"PENDING", "RUNNING"}
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -44,6 +70,12 @@ _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 class JobSubmissionError(UserError, RuntimeError):
     """The cluster cannot be reached, refuses us, or has no such job."""
+
+
+class SecretOnSubmitError(JobSubmissionError):
+    """A secret config value given to `submit`: it would be shown or uploaded with the job."""
+
+    exit_code = EXIT_CONFIG_ERROR
 
 
 class RunActiveError(JobSubmissionError):
@@ -91,6 +123,64 @@ def connect(address: str | None) -> Any:
         return JobSubmissionClient(address)
 
 
+def secret_fields(model: type[BaseModel] = AigcConfig, prefix: str = "") -> dict[str, str | None]:
+    """Every secret of the config tree, dotted (`storage.secret_access_key`), and the environment variable
+    it is read from when unset (the first `$NAME` its description names; None when it names none).
+
+    A secret is a field typed `SecretStr`: the schema's own mark, the one config dumps and errors mask.
+    """
+    found: dict[str, str | None] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found |= secret_fields(annotation, f"{prefix}{name}.")
+        elif SecretStr in (annotation, *get_args(annotation)):
+            variable = re.search(r"\$([A-Z][A-Z0-9_]*)", field.description or "")
+            found[f"{prefix}{name}"] = variable.group(1) if variable else None
+    return found
+
+
+def _secret_refused(field: str, variable: str | None, given_as: str, shown_by: str) -> str:
+    instead = f"${variable}" if variable else "the value"
+    return (f"{field} is a secret and {given_as} would put it {shown_by}: leave it out and give the job "
+            f"{instead} in the cluster nodes' own environment (a Kubernetes Secret in the pods' env, or an "
+            "instance role in place of keys; docs/operations.md, Submitting jobs)")
+
+
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """Refuse `--section.key=value` overrides of secret fields, before anything parses or echoes their
+    values: an override becomes the job's entrypoint, which the dashboard, `ray job list`, `aigc-dist jobs
+    status` and `ps` on the head show to anyone."""
+    secrets = secret_fields()
+    named = [arg[2:].split("=", 1)[0] for arg in overrides if arg.startswith("--")]
+    problems = [_secret_refused(name, secrets[name], f"--{name}", "in the job's entrypoint, shown in the Ray "
+                                "dashboard, `jobs status` and `ps`") for name in named if name in secrets]
+    if problems:
+        raise SecretOnSubmitError("; ".join(problems))
+
+
+def refuse_config_file_secrets(cfg: AigcConfig, config: str | None) -> None:
+    """Refuse a config whose file sets a secret field: the file is uploaded with the working directory
+    (overrides are refused before: see `refuse_secret_overrides`)."""
+    problems = [_secret_refused(name, variable, f"setting it in --config {config}", "in the package uploaded "
+                                "to the cluster") for name, variable in secret_fields().items()
+                if functools.reduce(getattr, name.split("."), cfg) is not None]
+    if problems:
+        raise SecretOnSubmitError("; ".join(problems))
+
+
+def warn_secret_like_env(env_vars: dict[str, str]) -> None:
+    """Say on stderr (names only, never values) which `--env` variables look secret: runtime_env is kept
+    with the job and shown to anyone who can open the dashboard or run `ray job list`."""
+    names = [name for name in env_vars if _SECRET_WORDS.search(name) and not name.upper().endswith("_ID")]
+    if names:
+        kind = "a name" if len(names) == 1 else "names"
+        print(f"warning: --env {', '.join(names)}: {kind} like a secret's; the job's runtime_env, values "
+              "included, is shown to anyone with access to the Ray dashboard or `ray job list`: on a shared "
+              "cluster give them to the nodes' own environment instead (a Kubernetes Secret, an instance role)",
+              file=sys.stderr)
+
+
 def export_run_id(checkpoint: str) -> str:
     """A run id for an export job: the checkpoint's last two path parts (run and checkpoint)."""
     parts = [part for part in re.split(r"[/\\]", checkpoint.split("://", 1)[-1]) if part][-2:]
@@ -126,8 +216,8 @@ def environment_variables(specs: list[str]) -> dict[str, str]:
             if name not in os.environ:
                 raise JobSubmissionError(f"--env {name}: {name} is not set here; pass --env {name}=VALUE")
             value = os.environ[name]
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise JobSubmissionError(f"--env {spec!r}: {name!r} is not a variable name")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # the value is never echoed: it may be a secret
+            raise JobSubmissionError(f"--env {name!r}: not a variable name")
         env[name] = value
     return env
 
@@ -213,7 +303,9 @@ def submit_job(command: str, run_id: str, *, address: str | None, config: str | 
     job's exit status; without it, return 0 once the cluster has accepted the job."""
     root = Path(working_dir)
     argv = job_arguments(command, config, root, options, overrides)
-    job_env = runtime_env(root, pip, environment_variables(env))
+    env_vars = environment_variables(env)
+    job_env = runtime_env(root, pip, env_vars)
+    warn_secret_like_env(env_vars)
     client = connect(address)
     job = submit(client, command, run_id, argv, job_env, submission_id)
     hint = "" if address is None else f" --address {client.get_address()}"
