@@ -16,18 +16,27 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from aigc_dist.config import ConfigError
+from aigc_dist.errors import EXIT_CONFIG_ERROR, UserError
 from aigc_dist.storage import Storage, join_uri, parse_uri
 
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "state"
 CHECKPOINT_PREFIX = "checkpoint_"
 FORMAT_VERSION = 1
+
+
+class UnsafeCheckpointError(UserError, ValueError):
+    """A checkpoint file that would run code when unpickled: refused, never loaded."""
+
+    exit_code = EXIT_CONFIG_ERROR  # bad input, like a checkpoint that is not there
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -165,3 +174,56 @@ def check_resumable(state: TrainerState, *, kind: str, world_size: int, zero_sta
             [f"cannot resume from {source} at step {state.step}: {p}" for p in problems]
             + ["use the checkpoint's settings, or export it (aigc-dist export) and start a new run"]
         )
+
+
+def deepspeed_pickle_classes() -> list[type]:
+    """The classes DeepSpeed pickles into its state files beside tensors, containers and numbers
+    (found with `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 0-3 checkpoints):
+    plain records and an enum, which rebuild without calling anything else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def verify_checkpoint_files(directory: str, source: str) -> None:
+    """Open every pickle (`*.pt`) of a local checkpoint copy with torch's weights-only unpickler,
+    which admits tensors, containers, numbers and the allow-listed DeepSpeed classes and nothing
+    else; `UnsafeCheckpointError` naming the file and the refused global otherwise.
+
+    DeepSpeed and its zero_to_fp32 load with `weights_only=False`, so a bucket anyone can write
+    to would be code execution on every rank that resumes or exports. This check runs on the very
+    files they then load (the local copy, after the download), so a later swap in the bucket cannot
+    slip past it. Tensors are memory-mapped, so the check reads little more than the pickles.
+    """
+    import torch
+
+    allowed = deepspeed_pickle_classes()
+    for path in sorted(Path(directory).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"{source}: {path.relative_to(directory)} holds more than tensors and DeepSpeed's records "
+                f"({_refused_global(str(exc))}); refused without loading it. A checkpoint is code to "
+                "whoever can write it: resume and export only from storage that only training writes"
+            ) from None
+
+
+def _refused_global(message: str) -> str:
+    """The line of torch's weights-only error that names what the pickle asked for (the rest of
+    the message suggests `weights_only=False`, the very thing this check exists to prevent)."""
+    for line in message.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line.split(" Please use")[0].rstrip(".")
+    return "a pickle the weights-only loader refuses"
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip format (DeepSpeed's default), which torch.load can memory-map; the legacy
+    format cannot be."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"

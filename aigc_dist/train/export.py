@@ -34,6 +34,7 @@ from aigc_dist.train.checkpoints import (
     download_checkpoint,
     find_checkpoint,
     read_trainer_state,
+    verify_checkpoint_files,
 )
 from aigc_dist.train.sources import fetch_source
 
@@ -135,7 +136,7 @@ def consolidated_state_dict(engine_dir: str, zero_stage: int) -> dict[str, torch
     if zero_stage == 0:
         # No ZeRO shards: rank 0's model-states file holds the whole module.
         path = os.path.join(engine_dir, DEEPSPEED_TAG, "mp_rank_00_model_states.pt")
-        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        module = torch.load(path, map_location="cpu", weights_only=True)["module"]
         return {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -156,6 +157,7 @@ def export_checkpoint(
         checkpoint_uri = find_checkpoint(checkpoint_uri, storage, what="--checkpoint")
         probe = read_trainer_state(checkpoint_uri, storage)
         local = download_checkpoint(checkpoint_uri, storage, tmp, engine=probe.artifact_engine)
+        verify_checkpoint_files(local, checkpoint_uri)  # zero_to_fp32 unpickles with weights_only=False
         state = consolidated_state_dict(os.path.join(local, probe.artifact_engine), probe.zero_stage)
     uri = output_uri or artifact_uri(probe.storage_path, probe.name, probe.version)
     metadata = {**artifact_metadata(probe), "source_checkpoint": checkpoint_uri}

@@ -24,7 +24,13 @@ import torch
 from aigc_dist.config import DataConfig, DeepSpeedConfig, ModelConfig, StorageConfig, TrainConfig
 from aigc_dist.metrics import ActorMetrics
 from aigc_dist.storage import Storage
-from aigc_dist.train.checkpoints import DEEPSPEED_TAG, TrainerState, check_resumable, checkpoint_dir_name
+from aigc_dist.train.checkpoints import (
+    DEEPSPEED_TAG,
+    TrainerState,
+    check_resumable,
+    checkpoint_dir_name,
+    verify_checkpoint_files,
+)
 from aigc_dist.train.deepspeed_config import (
     deepspeed_config,
     lr_scheduler_factory,
@@ -216,6 +222,7 @@ class WorkerRun:
             check_resumable(
                 state, kind=fresh.kind, world_size=self.world_size, zero_stage=fresh.zero_stage, source=source
             )
+            verify_checkpoint_files(local, source)  # DeepSpeed unpickles with weights_only=False
             for name, engine in self.engines.items():
                 path, _ = engine.load_checkpoint(os.path.join(local, name), tag=DEEPSPEED_TAG)
                 if path is None:

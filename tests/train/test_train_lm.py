@@ -5,6 +5,7 @@ run of the same name resumes."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -18,6 +19,7 @@ from aigc_dist.cli import main
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.storage import Storage, join_uri
+from aigc_dist.train.checkpoints import find_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +117,52 @@ def test_step_time_samples_tokens_and_loss_reach_prometheus(s3_run, prometheus):
     assert prometheus.wait_for_value(f"sum(ray_aigc_train_tokens_total{{{selector}}})", last["tokens"]) == \
         last["tokens"]
     assert prometheus.value(f"ray_aigc_train_loss{{{selector}}}") == pytest.approx(last["loss"], rel=1e-6)
+
+
+class _RunsCode:
+    """What an attacker with write access to the bucket adds to a checkpoint: unpickling it runs a
+    shell command (here, one that leaves a file behind)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_export_and_by_resume(s3_run, train_kit, tmp_path, capsys):
+    """The run's checkpoint copied elsewhere in the bucket with one rank's ZeRO optimizer shard
+    rewritten to carry a pickled call: `export` and a run resuming from it both refuse it, naming
+    the file and what it asked for, and the call never runs (on the driver or on any worker)."""
+    marker = tmp_path / "code-ran"
+    storage = s3_run.storage
+    source = find_checkpoint(join_uri(s3_run.bucket, "runs", "lm"), storage)
+    tampered = join_uri(s3_run.bucket, "tampered", os.path.basename(source))
+    shard = "model/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    files = storage.list(source)
+    assert join_uri(source, shard) in files
+    for uri in files:
+        relative = uri.removeprefix(source.rstrip("/") + "/")
+        data = storage.read_bytes(uri)
+        if relative == shard:
+            state = torch.load(io.BytesIO(data), weights_only=False)  # the genuine shard: trusted here
+            state["note"] = _RunsCode(marker)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            data = buffer.getvalue()
+        storage.write_bytes(join_uri(tampered, relative), data)
+
+    assert main(["export", "--checkpoint", tampered, "--output", join_uri(s3_run.bucket, "never")]) == 2
+    err = capsys.readouterr().err
+    assert os.path.basename(shard) in err and "posix.system" in err and "refused" in err
+    assert not storage.list(join_uri(s3_run.bucket, "never"))
+
+    cfg = s3_run.cfg.model_copy(deep=True)
+    cfg.train.run_name, cfg.train.resume_from = "lm-from-tampered", tampered
+    with pytest.raises(Exception) as failure:
+        train_kit.run(cfg)
+    assert os.path.basename(shard) in str(failure.value) and "posix.system" in str(failure.value)
+    assert not marker.exists()
 
 
 def test_same_run_name_resumes_at_the_saved_step(s3_run, train_kit):
