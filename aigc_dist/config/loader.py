@@ -73,7 +73,9 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
         if len(keys) < 2 or not all(keys):
             raise ConfigError(f"override {arg!r} must name a section and a key, like --train.lr=1e-3")
         value: Any = raw
-        if raw in NULL_SPELLINGS:
+        if _is_secret(_annotation_at(keys)):
+            pass  # a secret is text whatever it starts with, and is never echoed in an error
+        elif raw in NULL_SPELLINGS:
             value = None
         elif raw[:1] in "[{":
             try:
@@ -144,6 +146,11 @@ def _annotation_at(keys: Sequence[str]) -> Any:
             return None
         annotation = model = fields[key].annotation
     return annotation
+
+
+def _is_secret(annotation: Any) -> bool:
+    """True for a SecretStr field (optional or not)."""
+    return annotation is SecretStr or SecretStr in get_args(annotation)
 
 
 def _takes_text(annotation: Any) -> bool:

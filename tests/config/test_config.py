@@ -141,6 +141,10 @@ def test_secrets_are_never_echoed_or_dumped():
     with pytest.raises(ConfigError) as err:
         validate_config({"storage": {"secret_access_key": [secret]}})
     assert secret not in str(err.value) and "storage.secret_access_key" in str(err.value)
+    # A secret that happens to start like JSON is taken as the text it is, not parsed and echoed.
+    bracketed = "[" + secret
+    cfg = load_config(None, [f"--storage.secret_access_key={bracketed}"])
+    assert cfg.storage.secret_access_key.get_secret_value() == bracketed
 
 
 @pytest.mark.parametrize("fmt", ["toml", "yaml", "json"])
