@@ -1,6 +1,6 @@
 # aigc-dist: two commands on a fresh machine, `make demo` and `make test`.
-# Install order matters: torch==2.13.0 first (a local CPU wheel here; anything else pulls GBs of
-# CUDA packages), then DeepSpeed built against it without build isolation, then the project.
+# Install order matters: build tools, torch==2.13.0 (a local CPU wheel here; anything else pulls GBs
+# of CUDA packages), then the locked dependencies (DeepSpeed built against that torch), then the project.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,18 +9,27 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.aigc-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean system-deps
+.PHONY: install demo test lint bench clean system-deps lock
 
 install: $(STAMP)
 
-# Re-runs only when pyproject.toml changes, so a second `make test` starts at once.
-$(STAMP): pyproject.toml
+# Everything but torch comes from requirements/*.lock (exact versions and sha256 hashes, written by
+# scripts/lock.py; pip refuses any other file); torch is the local CPU wheel, pinned by version.
+# No build isolation: DeepSpeed builds against that torch, and nothing unpinned is fetched to build.
+# Re-runs only when pyproject.toml or a lock changes, so a second `make test` starts at once.
+LOCKS := requirements/tools.lock requirements/dev.lock
+$(STAMP): pyproject.toml $(LOCKS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip wheel setuptools
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --require-hashes --no-deps -r requirements/tools.lock
+	$(PIP) install -q --no-deps torch==2.13.0
+	$(PIP) install -q --require-hashes --no-deps --no-build-isolation -r requirements/dev.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	@touch $@
+
+# After changing pyproject.toml's dependencies (tests/test_lock.py fails until this has run).
+lock: install
+	$(PY) scripts/lock.py
 
 demo: install
 	$(VENV)/bin/aigc-dist demo
