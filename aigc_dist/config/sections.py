@@ -316,11 +316,34 @@ class ServeConfig(Section):
     cpus_per_replica: float = Field(1.0, gt=0, le=256, description="Logical CPUs per replica (torch threads follow).")
     gpus_per_replica: float = Field(0.0, ge=0, le=8, description="GPUs per replica.")
     retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After of the 503 sent when over capacity.")
+    max_tokens_per_call: int = Field(
+        8192, ge=1, le=10_000 * 8192, description="Token budget of one POST /v1/generate: the sum of its requests' "
+        "max_new_tokens (a request without one counts default_max_new_tokens); over it is a 422 before any work "
+        "is queued, so one call cannot hold a replica's decode slots for long."
+    )
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="The whole request body must arrive within this many seconds of the "
+        "replica taking the request, or the caller gets 408: a client trickling its body holds a replica slot."
+    )
+    request_timeout_s: float | None = Field(
+        120.0, gt=0, description="End-to-end timeout of Serve's HTTP proxy (its 408); None = none. Cluster-wide and "
+        "fixed when Serve first starts, like host and port: `aigc-dist serve` applies it, a RayService sets "
+        "`serveConfigV2.http_options.request_timeout_s`."
+    )
+    api_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the environment variable holding the API "
+        "keys (comma- or newline-separated, e.g. from a Kubernetes Secret); when set, every route but /healthz "
+        "needs `Authorization: Bearer <key>` (else 401). None = no authentication: keep host on 127.0.0.1. "
+        "A named variable that is unset or empty stops the replica at start."
+    )
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.max_tokens_per_call < self.max_new_tokens_cap:
+            raise ValueError(f"max_tokens_per_call ({self.max_tokens_per_call}) must be >= max_new_tokens_cap "
+                             f"({self.max_new_tokens_cap}), or no request at the cap fits a call")
         return self
 
 

@@ -5,6 +5,10 @@
     GET  /v1/models     what this replica serves, and its batching counters
     GET  /healthz       200 when the replica has a model loaded
 
+Every route but /healthz needs `Authorization: Bearer <key>` when `serve.api_keys_env` is set (auth.py);
+a body must arrive within `serve.body_read_timeout_s` (408) and a call's tokens fit
+`serve.max_tokens_per_call` (422), checked before any work is queued.
+
 Concurrent requests share forward passes through `@serve.batch` (size and wait from `user_config`,
 changeable at run time with `reconfigure`, which also swaps artifacts without dropping in-flight
 requests: a batch keeps the engine it started with). Overload is Serve's own admission control:
@@ -37,8 +41,9 @@ from aigc_dist.engine.images import ImageEngine, ImageRequest
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, TextResult
 from aigc_dist.metrics import ActorMetrics
 from aigc_dist.models.artifact import Artifact, load_artifact
-from aigc_dist.serve.http import BodyLimitMiddleware, RequestMetricsMiddleware
-from aigc_dist.serve.profiles import ProfileTable, UnknownIdError, empty_table
+from aigc_dist.serve.auth import BearerAuthMiddleware, load_api_keys
+from aigc_dist.serve.http import BodyLimitMiddleware, ProxyControlHeaderMiddleware, RequestMetricsMiddleware
+from aigc_dist.serve.profiles import InvalidProfileError, ProfileTable, UnknownIdError, empty_table
 from aigc_dist.serve.schemas import (
     GenerateBody,
     GenerateResponse,
@@ -51,6 +56,7 @@ from aigc_dist.serve.schemas import (
     check_generate_limits,
     check_images_limits,
     describe_problems,
+    effective_max_new_tokens,
     violation,
 )
 from aigc_dist.storage import Storage
@@ -61,9 +67,12 @@ DEPLOYMENT_NAME = "AigcServe"
 # What `reconfigure` accepts: swapping models and tuning batching needs no restart.
 USER_CONFIG_KEYS = ("artifact", "image_artifact", "max_batch_size", "batch_wait_timeout_s")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "A header this server does not accept (Ray Serve's proxy-control headers)."},
+    401: {"description": "Missing or wrong API key (when serve.api_keys_env is set); OpenAI's error shape."},
     404: {"description": "Unknown user_id or item_id, or no model of that kind is served."},
+    408: {"description": "The request body did not arrive within serve.body_read_timeout_s."},
     413: {"description": "Request body over the server's limit."},
-    422: {"description": "A field is invalid; `detail` names it."},
+    422: {"description": "A field is invalid, or the call is over serve.max_tokens_per_call; `detail` names it."},
     503: {"description": "Over capacity; retry after the Retry-After header's seconds."},
 }
 
@@ -72,8 +81,12 @@ api = FastAPI(
     version=__version__,
     description="Personalized content generation: copy for (user, item) pairs, and conditional images.",
 )
+# Each added one wraps those before it: metrics see every answer, the key is checked before anything
+# else, and the body is read (within its size and time limits) only for an authenticated caller.
 api.add_middleware(BodyLimitMiddleware)
-api.add_middleware(RequestMetricsMiddleware)  # added last = outermost: it also sees 413s
+api.add_middleware(ProxyControlHeaderMiddleware)
+api.add_middleware(BearerAuthMiddleware)
+api.add_middleware(RequestMetricsMiddleware)
 
 
 @api.exception_handler(RequestValidationError)
@@ -101,6 +114,8 @@ class AigcServe:
         import torch
 
         self.limits = ServeConfig.model_validate(serve_config)
+        # First, so a replica whose keys are missing stops before it loads anything (and never serves open).
+        api.state.api_keys = load_api_keys(self.limits.api_keys_env) if self.limits.api_keys_env else None
         data = DataConfig.model_validate(data_config)
         self.storage = Storage(StorageConfig.model_validate(storage_config))
         # The replica's CPU share decides torch's threads, so co-located replicas don't oversubscribe.
@@ -117,6 +132,7 @@ class AigcServe:
         self.stats: Counter[str] = Counter()
         self.metrics = ActorMetrics("serve", {"run": serve.get_replica_context().app_name})
         api.state.max_body_bytes = self.limits.max_body_bytes
+        api.state.body_read_timeout_s = self.limits.body_read_timeout_s
         api.state.metrics = self.metrics
         log.info("replica started: %d users, %d items; models come with user_config", len(self.users),
                  len(self.items))
@@ -199,11 +215,16 @@ class AigcServe:
                 features = self.items.resolve(item.item_id, item.item)
             except UnknownIdError as exc:
                 raise HTTPException(404, f"requests[{index}]: {exc}") from None
-            default = min(self.limits.default_max_new_tokens, self.limits.max_new_tokens_cap)
-            sampling = SamplingParams(max_new_tokens=item.max_new_tokens or default,
+            except InvalidProfileError as exc:
+                raise RequestValidationError([violation(["requests", index, f"{exc.side}_id"], str(exc),
+                                                        exc.key)]) from None
+            sampling = SamplingParams(max_new_tokens=effective_max_new_tokens(item, self.limits),
                                       temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
             requests.append(TextRequest(user=user, item=features, seed=item.seed, sampling=sampling))
-        results, model = await self._answer("text", self._generate_batch, requests)
+        # A refusal names the ids too: a prompt that cannot be built from a table's row says whose row it is.
+        names = [", ".join(f"{key} {value!r}" for key, value in (("user_id", item.user_id), ("item_id", item.item_id))
+                           if value is not None) for item in body.requests]
+        results, model = await self._answer("text", self._generate_batch, requests, names)
         return GenerateResponse(model=model, results=[
             GenerateResult(content=result.text, num_tokens=result.num_tokens, finished=result.finished,
                            seed=item.seed, user_id=item.user_id, item_id=item.item_id)
@@ -234,12 +255,14 @@ class AigcServe:
                         height=result.height, label=request.label, seed=request.seed)
             for result, request in zip(results, requests, strict=True)])
 
-    async def _answer(self, kind: str, batched: Any, requests: list[Any]) -> tuple[list[Any], ModelInfo]:
+    async def _answer(self, kind: str, batched: Any, requests: list[Any], names: list[str] | None = None
+                      ) -> tuple[list[Any], ModelInfo]:
         """Each request through its `@serve.batch` method; one the engine refuses makes the call a 422
-        naming it. Returns the results in order and the model that made them."""
+        naming it (and `names[i]`, when given), while the calls it shared a batch with get their answers.
+        Returns the results in order and the model that made them."""
         answered = await asyncio.gather(*(batched(request) for request in requests))
-        failed = [violation(["requests", i], result.error, None) for i, (result, _) in enumerate(answered)
-                  if result.error]
+        failed = [violation(["requests", i], f"{names[i]}: {result.error}" if names and names[i] else result.error,
+                            None) for i, (result, _) in enumerate(answered) if result.error]
         model = answered[0][1]
         self.metrics.inc("aigc_generate_rows_total", len(answered) - len(failed), model=model.name, status="ok")
         self.metrics.inc("aigc_generate_rows_total", len(failed), model=model.name, status="error")
@@ -276,8 +299,12 @@ def deployment_options(limits: ServeConfig) -> dict[str, Any]:
     return options
 
 
-def application(cfg: AigcConfig) -> serve.Application:
-    """The bound application for a resolved config (the CLI and `build_app` both end here)."""
+def application(cfg: AigcConfig, runtime_env: dict[str, Any] | None = None) -> serve.Application:
+    """The bound application for a resolved config (the CLI and `build_app` both end here).
+
+    `runtime_env`: the replicas' Ray runtime environment (e.g. `env_vars`), as a Serve config file's
+    `runtime_env` gives it; by default they inherit the Ray node's environment.
+    """
     if cfg.serve.artifact is None and cfg.serve.image_artifact is None:
         from aigc_dist.config import ConfigError
 
@@ -288,7 +315,10 @@ def application(cfg: AigcConfig) -> serve.Application:
         secret = getattr(cfg.storage, key)
         storage[key] = secret.get_secret_value() if secret is not None else None
     init_serve = {key: value for key, value in dumped["serve"].items() if key not in USER_CONFIG_KEYS}
-    return AigcServe.options(**deployment_options(cfg.serve)).bind(init_serve, dumped["data"], storage)
+    options = deployment_options(cfg.serve)
+    if runtime_env is not None:
+        options["ray_actor_options"]["runtime_env"] = runtime_env
+    return AigcServe.options(**options).bind(init_serve, dumped["data"], storage)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -1,11 +1,18 @@
-"""ASGI middleware of the ingress: the body size limit and per-route request metrics.
+"""ASGI middleware of the ingress: the body's size and time limits, Serve's proxy-control headers,
+per-route request metrics.
 
-Both read their settings from `app.state` (set by the replica when it starts), because the FastAPI
+They read their settings from `app.state` (set by the replica when it starts), because the FastAPI
 app is a module-level object the deployment class is bound to, while the limits come from config.
+
+Where the body is read: Serve's HTTP proxy does not buffer it. It hands the request to a replica as
+soon as the headers are in, and the replica pulls the body from the proxy message by message while
+the ASGI app awaits `receive()`. So a client that trickles its body holds one of the replica's
+`max_ongoing_requests` slots, and the bound belongs here, in the replica, around those `receive()`s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -31,7 +38,8 @@ async def _respond(send: Send, status: int, detail: str, headers: list[tuple[byt
 
 
 class BodyLimitMiddleware:
-    """Reads a request body up to `app.state.max_body_bytes` and answers 413 beyond it.
+    """Reads a request body up to `app.state.max_body_bytes` and answers 413 beyond it, 408 when the
+    whole of it has not arrived within `app.state.body_read_timeout_s`.
 
     The declared Content-Length is checked before anything is read; a chunked body is counted as it
     arrives. The buffered body is then replayed to the app, which sees an ordinary request.
@@ -58,20 +66,27 @@ class BodyLimitMiddleware:
             except ValueError:
                 await _respond(send, 400, "Content-Length is not a number")
                 return
+        timeout_s = getattr(scope["app"].state, "body_read_timeout_s", None)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _respond(send, 413, too_large)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        await _respond(send, 413, too_large)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _respond(send, 408, f"request body not received within {timeout_s:g} s "
+                           f"({size} bytes arrived)", [(b"connection", b"close")])
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -83,6 +98,28 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+# Headers by which a client steers Serve's proxy (ray.serve._private.http_util): a non-positive or large
+# timeout lifts serve.request_timeout_s, and "disconnect disabled" keeps a replica working for a caller
+# that has gone. Nothing in Ray sets them, so from a client they are refused.
+PROXY_CONTROL_HEADERS = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
+
+
+class ProxyControlHeaderMiddleware:
+    """400 for a request that carries one of Serve's proxy-control headers."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, _ in scope.get("headers") or []:
+                if name in PROXY_CONTROL_HEADERS:
+                    await _respond(send, 400, f"the {name.decode()} header steers Ray Serve's proxy and is not "
+                                   "accepted from clients (this server sets its own timeouts)")
+                    return
+        await self.app(scope, receive, send)
 
 
 class RequestMetricsMiddleware:

@@ -4,7 +4,8 @@ The tables are the backfill's inputs (`data.users`, `data.items`: parquet, jsonl
 S3), read once when a replica starts with the backfill's own reader (aigc_dist.batch.reading) and
 its one rule for bad and repeated ids. Whatever the bytes of a row, it never fails the replica:
 a rejected row is counted and reported in the log with its reason (the first few of them), and its
-id, if it has one, answers like an unknown id.
+id, if it has one, answers 422 with that reason (`InvalidProfileError`) before any work is queued,
+so a value no prompt can hold (an unpaired surrogate, invalid UTF-8) fails its own call only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class UnknownIdError(KeyError):
         return self.args[0]
 
 
+class InvalidProfileError(ValueError):
+    """An id whose row the table rejected when it was read (the API answers 422 with the reason)."""
+
+    def __init__(self, side: str, key: str, reason: str):
+        super().__init__(f"{side}_id {key!r}: its row in the {side}s table cannot be used ({reason})")
+        self.side = side
+        self.key = key
+
+
 class ProfileTable:
     """id -> features of one side (users or items), and the rows that were rejected."""
 
@@ -42,11 +52,12 @@ class ProfileTable:
         self.side = side
         self.features = {identifier: {k: v for k, v in row.items() if k != key} for identifier, row in features.items()}
         self.rejected = rejected or []  # work rows: key (the id, when usable), raw, error
+        self.invalid = {row["key"]: row["error"] for row in self.rejected if row["key"]}  # id -> why
         if self.rejected:
             shown = "; ".join(f"{json.dumps(r['key']) if r['key'] else 'no usable id'}: {r['error']}"
                               for r in self.rejected[:REPORTED_ROWS])
             more = f" (and {len(self.rejected) - REPORTED_ROWS} more)" if len(self.rejected) > REPORTED_ROWS else ""
-            log.warning("%ss table: %d rows rejected, their ids answer as unknown: %s%s", side, len(self.rejected),
+            log.warning("%ss table: %d rows rejected, requests for their ids get 422: %s%s", side, len(self.rejected),
                         shown, more)
 
     @classmethod
@@ -65,6 +76,8 @@ class ProfileTable:
         try:
             base = self.features[identifier]
         except KeyError:
+            if identifier in self.invalid:
+                raise InvalidProfileError(self.side, identifier, self.invalid[identifier]) from None
             raise UnknownIdError(self.side, identifier, len(self.features)) from None
         return {**base, **(overrides or {})}
 

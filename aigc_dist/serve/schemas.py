@@ -215,7 +215,22 @@ def check_generate_limits(body: GenerateBody, limits: ServeConfig) -> list[dict[
                                        f"(got {len(value)})", len(value), "string_too_long"))
         found += _check_features(request.user, [*loc, "user"], limits)
         found += _check_features(request.item, [*loc, "item"], limits)
+    tokens = call_tokens(body, limits)
+    if tokens > limits.max_tokens_per_call:
+        found.append(violation(["requests"], f"this call asks for up to {tokens} new tokens (max_new_tokens summed "
+                               f"over its {len(body.requests)} requests); the budget is {limits.max_tokens_per_call} "
+                               "per call: send fewer requests or smaller max_new_tokens", tokens, "too_long"))
     return found
+
+
+def effective_max_new_tokens(request: GenerateItem, limits: ServeConfig) -> int:
+    """What a request may generate: its own max_new_tokens, else the deployment's default (within the cap)."""
+    return request.max_new_tokens or min(limits.default_max_new_tokens, limits.max_new_tokens_cap)
+
+
+def call_tokens(body: GenerateBody, limits: ServeConfig) -> int:
+    """The call's figure against `serve.max_tokens_per_call`: the most new tokens it can ask the replica for."""
+    return sum(effective_max_new_tokens(request, limits) for request in body.requests)
 
 
 def check_images_limits(body: ImagesBody, limits: ServeConfig) -> list[dict[str, Any]]:

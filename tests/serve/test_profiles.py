@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aigc_dist.serve.profiles import ProfileTable, UnknownIdError, empty_table
+from aigc_dist.serve.profiles import InvalidProfileError, ProfileTable, UnknownIdError, empty_table
 from aigc_dist.storage import Storage
 
 USERS_JSONL = b"\n".join([
@@ -39,9 +39,14 @@ def test_hostile_users_never_fail_the_load_and_are_reported(tmp_path, caplog):
     assert "appears 2 times" in reasons["u2"] and "segment: invalid UTF-8" in reasons["u3"]
     assert "field name 'k\\xff': invalid UTF-8" in reasons["u4"]
     assert "tree: nested more than 64 levels" in unparsed[0] and "not valid JSON" in unparsed[1]
-    for rejected in ("u2", "u3", "u5"):
-        with pytest.raises(UnknownIdError, match=f"unknown user_id '{rejected}'"):
+    # A rejected row's id is refused with the row's reason (a 422 from the API); without a usable id
+    # (u5: the nesting stopped the parse before its id was read) it is an unknown id.
+    for rejected, reason in (("u2", "appears 2 times"), ("u3", "segment: invalid UTF-8")):
+        with pytest.raises(InvalidProfileError,
+                           match=f"user_id '{rejected}': its row in the users table cannot be used .*{reason}"):
             users.resolve(rejected, None)
+    with pytest.raises(UnknownIdError, match="unknown user_id 'u5'"):
+        users.resolve("u5", None)
     assert "users table: 6 rows rejected" in caplog.text and "appears 2 times" in caplog.text
 
 

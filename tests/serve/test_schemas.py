@@ -60,3 +60,17 @@ def test_deployment_options_follow_the_config():
     scaled = deployment_options(ServeConfig(min_replicas=0, max_replicas=4, target_ongoing_requests=3))
     assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3}
     assert set(scaled["user_config"]) == {"artifact", "image_artifact", "max_batch_size", "batch_wait_timeout_s"}
+
+
+def test_the_token_budget_counts_each_requests_max_new_tokens_or_the_default():
+    limits = ServeConfig(max_new_tokens_cap=32, default_max_new_tokens=10, max_tokens_per_call=50)
+    at_budget = GenerateBody.model_validate({"requests": [*_body(max_new_tokens=30)["requests"],
+                                                          *_body()["requests"] * 2]})  # 30 + 10 + 10
+    assert check_generate_limits(at_budget, limits) == []
+    over = GenerateBody.model_validate({"requests": at_budget.model_dump()["requests"] + _body(max_new_tokens=1)[
+        "requests"]})
+    [problem] = check_generate_limits(over, limits)
+    assert problem["loc"] == ["body", "requests"] and problem["input"] == 51
+    assert "51 new tokens" in problem["msg"] and "budget is 50" in problem["msg"]
+    with pytest.raises(ValidationError, match=r"max_tokens_per_call \(16\) must be >= max_new_tokens_cap \(32\)"):
+        ServeConfig(max_new_tokens_cap=32, max_tokens_per_call=16)
