@@ -15,6 +15,10 @@ Two layouts (`PromptTemplate.layout`):
   model sees the turn markup it was tuned on. The template's markup is encoded with its special
   tokens; the message itself never is, so feature values cannot forge a turn.
 
+Requests that bring their own prompt (OpenAI-style) use the same two encoders: `encode_text` (raw
+text, the "text" layout's way) and `encode_chat` (a whole conversation through the chat template,
+each content plain text, the markup rendered by the one renderer the "chat" layout uses).
+
 and for training `encode_example` appends the target copy and the tokenizer's EOS. Values are rendered
 to text (lists joined with ", "), cut to `max_field_chars` characters, then, if the prompt is over its
 token budget, shortened together (see `_fit_values`). Budgets count UTF-8 bytes: exactly the tokens of
@@ -30,7 +34,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -178,13 +182,16 @@ def text_prompt(user: Pairs, item: Pairs) -> str:
     return f"user: {side(user)}\nitem: {side(item)}\ncopy:\n"
 
 
-_CHAT_SLOT = "\x00aigc-dist message\x00"  # stands in for the message while the template renders
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_slot(k: int) -> str:
+    """What stands in for message k's content while the template renders (no template writes NULs)."""
+    return f"\x00aigc-dist message {k}\x00"
 
 
 @functools.lru_cache(maxsize=16)
-def _chat_markup(chat_template: str, bos: str, eos: str) -> tuple[str, str]:
-    """(text before, text after) the user message in the rendered chat template, generation prompt
-    included; rendered as transformers' apply_chat_template does (sandboxed Jinja)."""
+def _compiled_chat_template(chat_template: str) -> Any:
     import jinja2.sandbox
 
     def raise_exception(message: str) -> None:
@@ -192,25 +199,73 @@ def _chat_markup(chat_template: str, bos: str, eos: str) -> tuple[str, str]:
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
-    rendered = env.from_string(chat_template).render(messages=[{"role": "user", "content": _CHAT_SLOT}],
-                                                     add_generation_prompt=True, bos_token=bos, eos_token=eos)
-    if rendered.count(_CHAT_SLOT) != 1:
-        raise PromptError("chat template: the rendered conversation does not hold the message exactly once")
-    before, after = rendered.split(_CHAT_SLOT)
-    return before, after
+    return env.from_string(chat_template)
+
+
+@functools.lru_cache(maxsize=256)
+def _chat_markup(chat_template: str, roles: tuple[str, ...], bos: str, eos: str) -> tuple[str, ...]:
+    """The markup around the contents of a conversation whose messages have these roles: len(roles) + 1
+    texts (before the first content, between contents, after the last, generation prompt included).
+
+    Rendered as transformers' apply_chat_template does (sandboxed Jinja, add_generation_prompt=True),
+    with a placeholder per content, so the markup depends on the roles only and the contents are
+    never seen by the template (nor by the special-token parser: callers encode them as plain text).
+    PromptError when the template refuses the conversation or does not show each content once, in order.
+    """
+    import jinja2
+
+    messages = [{"role": role, "content": _chat_slot(k)} for k, role in enumerate(roles)]
+    try:
+        rendered = _compiled_chat_template(chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    except jinja2.TemplateError as exc:  # a template error, or the sandbox refusing an operation
+        raise PromptError(f"chat template: {exc}") from None
+    pieces = []
+    for k in range(len(roles)):
+        if rendered.count(_chat_slot(k)) != 1:
+            raise PromptError("chat template: the rendered conversation does not hold each message exactly once")
+        before, rendered = rendered.split(_chat_slot(k))
+        pieces.append(before)
+    return (*pieces, rendered)
+
+
+def _chat_pieces(tokenizer: TextTokenizer, roles: tuple[str, ...]) -> tuple[str, ...]:
+    template = tokenizer.chat_template
+    if template is None:
+        raise PromptError(f"{tokenizer.source}: tokenizer_config.json has no chat_template for the prompt "
+                          "layout 'chat'; use layout 'text'")
+    bos, eos = tokenizer.config.get("bos_token") or "", tokenizer.config.get("eos_token") or ""
+    return _chat_markup(template, roles, bos if isinstance(bos, str) else "", eos if isinstance(eos, str) else "")
 
 
 # Cached per tokenizer: every prompt of a chat layout needs the markup's ids twice (budget and encoding),
 # and encoding it is two calls into tokenizers.
 @functools.lru_cache(maxsize=16)
 def _chat_ids(tokenizer: TextTokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    template = tokenizer.chat_template
-    if template is None:
-        raise PromptError(f"{tokenizer.source}: tokenizer_config.json has no chat_template for the prompt "
-                          "layout 'chat'; use layout 'text'")
-    bos, eos = tokenizer.config.get("bos_token") or "", tokenizer.config.get("eos_token") or ""
-    before, after = _chat_markup(template, bos if isinstance(bos, str) else "", eos if isinstance(eos, str) else "")
+    before, after = _chat_pieces(tokenizer, ("user",))
     return tuple(tokenizer.encode_with_special_tokens(before)), tuple(tokenizer.encode_with_special_tokens(after))
+
+
+def encode_chat(messages: Sequence[Mapping[str, str]], tokenizer: TextTokenizer) -> list[int]:
+    """Token ids of a conversation (OpenAI chat messages: role in CHAT_ROLES, content a string) rendered
+    by the checkpoint's chat template with the generation prompt: what transformers'
+    `apply_chat_template(messages, add_generation_prompt=True, tokenize=True)` gives, except that the
+    contents are plain text (its special-token text stays text, so a message cannot forge a turn).
+
+    PromptError when the tokenizer has no chat template or the template refuses the conversation.
+    """
+    pieces = _chat_pieces(tokenizer, tuple(m["role"] for m in messages))
+    ids = tokenizer.encode_with_special_tokens(pieces[0])
+    for message, markup in zip(messages, pieces[1:], strict=True):
+        ids += tokenizer.encode(message["content"]) + tokenizer.encode_with_special_tokens(markup)
+    return ids
+
+
+def encode_text(text: str, tokenizer: TextTokenizer) -> list[int]:
+    """Raw text as a prompt, the "text" layout's way: the tokenizer's BOS (if it has one), then the text
+    with no special tokens read from it."""
+    bos = tokenizer.bos_id
+    return ([] if bos is None else [bos]) + tokenizer.encode(text)
 
 
 def layout_overhead(tokenizer: TextTokenizer, layout: str) -> int:
@@ -226,8 +281,7 @@ def _encode_pairs(user: Pairs, item: Pairs, tokenizer: TextTokenizer, layout: st
         before, after = _chat_ids(tokenizer)
         return [*before, *tokenizer.encode(text_prompt(user, item)), *after]
     if layout == "text":
-        bos = tokenizer.bos_id
-        return ([] if bos is None else [bos]) + tokenizer.encode(text_prompt(user, item))
+        return encode_text(text_prompt(user, item), tokenizer)
     marker = tokenizer.special_id
     field_id, value_id = marker("<field>"), marker("<value>")
     texts = tokenizer.encode_many([t for pair in user + item for t in pair])  # name, value, name, value...

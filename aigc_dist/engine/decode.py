@@ -252,7 +252,10 @@ class _Slots:
         self.params = [self.params[s] for s in slots]
 
 
-@torch.inference_mode()
+StepTokens = tuple[int, list[int], bool]
+"""(index in `requests`, tokens it generated in this step, whether it ended): `decode_steps`' events."""
+
+
 def decode_stream(
     model: LlamaLM,
     requests: Iterable[DecodeRequest],
@@ -260,6 +263,7 @@ def decode_stream(
     eos_ids: Sequence[int] = (),
     refill: bool = True,
     max_len: int | None = None,
+    end: set[int] | None = None,
 ) -> Iterator[tuple[int, list[int]]]:
     """Decode requests through `slots` batch rows; yields (index in `requests`, new tokens) as each ends.
 
@@ -270,14 +274,54 @@ def decode_stream(
     compacted to the live rows. refill=False: the next `slots` requests start only when the whole
     batch has finished (static batching). max_len: longest prompt + max_new_tokens expected (the
     cache grows if a longer request comes; default: the model's context).
+    end: request indices the caller adds to while iterating, to end those requests early: read at the
+    start of every step (added while handling a step's results, a request gets no further token), each
+    is answered with the tokens it has so far and its slot is free for the same step's admissions; a
+    request not started yet ends when it is pulled, with no tokens. Handled indices leave the set. An
+    empty set costs no device sync.
     A bad request (empty prompt, too long, bad parameters) raises ValueError when it is pulled.
     """
+    return _decode(model, requests, slots, eos_ids, refill, max_len, end, steps=False)
+
+
+def decode_steps(
+    model: LlamaLM,
+    requests: Iterable[DecodeRequest],
+    slots: int,
+    eos_ids: Sequence[int] = (),
+    refill: bool = True,
+    max_len: int | None = None,
+    end: set[int] | None = None,
+) -> Iterator[list[StepTokens]]:
+    """`decode_stream` reporting every decode step: yields, once a step, a `StepTokens`
+    (index, new tokens, ended) for each live request: its one new token ([] for the EOS that ends it),
+    ended True on its last event. A request's tokens, concatenated, are what `decode_stream` returns
+    for it. Requests ended through `end` (or with max_new_tokens=0) get one event ([], True). Costs
+    one device-to-host copy of the step's tokens per step, which `decode_stream` does not pay.
+    """
+    return _decode(model, requests, slots, eos_ids, refill, max_len, end, steps=True)
+
+
+@torch.inference_mode()
+def _decode(
+    model: LlamaLM,
+    requests: Iterable[DecodeRequest],
+    slots: int,
+    eos_ids: Sequence[int],
+    refill: bool,
+    max_len: int | None,
+    end: set[int] | None,
+    steps: bool,
+) -> Iterator:
+    """The one decode loop: (index, tokens) per ended request, or with steps=True a list of
+    `StepTokens` per step."""
     if not _is_int(slots) or slots < 1:
         raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
     config, weight = model.config, model.embed_tokens.weight
     device, vocab = weight.device, config.vocab_size
     context = config.max_position_embeddings
     stop = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)  # [E] ids that end a request
+    eos = set(eos_ids)
     pending = enumerate(requests)
     state = _Slots(slots, vocab, device)
     cache = SlotCache(config, slots, min(max_len or context, context), device, weight.dtype)
@@ -286,11 +330,26 @@ def decode_stream(
     model.eval()  # dropout would make seeded generation irreproducible
     try:
         while True:
+            if end:  # the caller ends requests: their slots are free for this step's admissions
+                cut = [(s, r) for s, r in enumerate(state.request) if r is not None and r in end]
+                for s, index in cut:
+                    end.discard(index)
+                    state.request[s], changed = None, True
+                    state.active[s] = False
+                if cut:
+                    if steps:
+                        yield [(index, [], True) for _, index in cut]
+                    else:
+                        for s, index in cut:
+                            yield index, state.out[s, : int(state.steps[s])].tolist()
             free = [s for s, r in enumerate(state.request) if r is None] if changed else []
             if not exhausted and free and (refill or len(free) == len(state.request)):
-                admitted, exhausted = _admit(model, pending, free, state, cache, step)
-                for index in admitted:  # max_new_tokens=0: nothing to generate
-                    yield index, []
+                admitted, exhausted = _admit(model, pending, free, state, cache, step, end)
+                if steps and admitted:
+                    yield [(index, [], True) for index in admitted]
+                elif admitted:  # max_new_tokens=0, or ended before it started: nothing to generate
+                    for index in admitted:
+                        yield index, []
             if changed:  # host bookkeeping only when a request started or ended, not per token
                 live = state.live()
                 if not live:
@@ -322,11 +381,25 @@ def decode_stream(
             ended = state.active & done
             state.active ^= ended  # ended rows are active ones: this clears them
             step += 1
-            for s in ended.nonzero().flatten().tolist():  # the one host sync of a step
-                n = int(state.steps[s])
-                n -= int(int(state.out[s, n - 1]) in eos_ids)
-                index, state.request[s], changed = state.request[s], None, True
-                yield index, state.out[s, :n].tolist()
+            if steps:
+                tokens, finished = token.tolist(), set(ended.nonzero().flatten().tolist())
+                events = []
+                for s, index in enumerate(state.request):
+                    if index is None:
+                        continue
+                    t = tokens[s]
+                    if s in finished:
+                        state.request[s], changed = None, True
+                        events.append((index, [] if t in eos else [t], True))
+                    else:
+                        events.append((index, [t], False))
+                yield events
+            else:
+                for s in ended.nonzero().flatten().tolist():  # the one host sync of a step
+                    n = int(state.steps[s])
+                    n -= int(int(state.out[s, n - 1]) in eos)
+                    index, state.request[s], changed = state.request[s], None, True
+                    yield index, state.out[s, :n].tolist()
             if changed and not any(r is not None for r in state.request):
                 continue
             span = offset + step  # the longest live row's length, counting the token it writes now
@@ -345,6 +418,7 @@ def _admit(
     state: _Slots,
     cache: SlotCache,
     step: int,
+    end: set[int] | None,
 ) -> tuple[list[int], bool]:
     """Pull requests into free slots and prefill them together; (requests with nothing to do, exhausted)."""
     taken: list[tuple[int, int, DecodeRequest]] = []
@@ -356,7 +430,9 @@ def _admit(
             break
         index, request = item
         request.check(model.config, f"request {index}")
-        if request.max_new_tokens == 0:
+        if request.max_new_tokens == 0 or (end and index in end):
+            if end:
+                end.discard(index)
             empty.append(index)
         else:
             taken.append((free[len(taken)], index, request))

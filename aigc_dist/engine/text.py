@@ -6,15 +6,24 @@ the same features, sampling parameters and seed gets the same copy offline and o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from aigc_dist.data.prompts import PromptError, PromptTemplate, encode_prompt, layout_overhead
+from aigc_dist.data.prompts import (
+    CHAT_ROLES,
+    PromptError,
+    PromptTemplate,
+    encode_chat,
+    encode_prompt,
+    encode_text,
+    layout_overhead,
+)
 from aigc_dist.engine.cpu_layout import prepare_for_decode
-from aigc_dist.engine.decode import DecodeRequest, decode_stream
+from aigc_dist.engine.decode import DecodeRequest, decode_steps, decode_stream
+from aigc_dist.engine.streaming import StreamedText, check_stop
 from aigc_dist.models.artifact import PROMPT_TEMPLATE_KEY, Artifact, ArtifactError, ArtifactStore, load_artifact
 from aigc_dist.models.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
@@ -39,25 +48,84 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
 
 
+NO_CHAT_TEMPLATE = "the model has no chat template; use /v1/completions or the aigc extension"
+
+
 @dataclass
 class TextRequest:
-    """One personalized request: whose feed, which item, how to sample, with which seed."""
+    """One request: what to continue, how to sample, with which seed, and where to stop.
 
-    user: Mapping[str, Any]
-    item: Mapping[str, Any]
+    What the model continues is one of three things:
+    - `user` and `item` features (the default, personalized copy): the prompt rendered from them by the
+      artifact's `PromptTemplate`, as in training.
+    - `prompt`, raw text (OpenAI completions): the tokenizer's BOS when it has one, then the text
+      encoded as-is; no special tokens are read from it ("<eos>" in the text is text). user/item are
+      not used.
+    - `messages`, a chat conversation (OpenAI chat completions): rendered by the checkpoint's chat
+      template (tokenizer_config.json's chat_template) with the generation prompt, the contents encoded
+      as plain text so that no content can forge a turn. A model without a chat template answers the
+      request with `error` = NO_CHAT_TEMPLATE. user/item are not used.
+    At most one of `prompt` and `messages` may be set (ValueError otherwise); `max_prompt_tokens` of
+    the template applies to features only, the context window to all three.
+    """
+
+    user: Mapping[str, Any] = field(default_factory=dict)
+    item: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    """The request's random numbers: the same seed gives the same text whatever the batch. Choice i of
+    an OpenAI request with n choices uses seed + i (callers send n requests; the engine knows no n)."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | None = None
+    """Raw text to continue (see above)."""
+    messages: Sequence[Mapping[str, str]] | None = None
+    """Chat messages, each {"role": "system" | "user" | "assistant", "content": str}; other keys are ignored."""
+    stop: tuple[str, ...] = ()
+    """Up to 4 non-empty stop strings, matched on the decoded text: the request ends as soon as its text
+    holds one, and its text is cut just before the first occurrence (finish_reason "stop")."""
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("a TextRequest takes prompt or messages, not both")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string (got {type(self.prompt).__name__})")
+        if self.messages is not None:
+            if isinstance(self.messages, str | Mapping) or not self.messages:
+                raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+            for k, m in enumerate(self.messages):
+                if not isinstance(m, Mapping) or m.get("role") not in CHAT_ROLES or not isinstance(
+                        m.get("content"), str):  # fmt: skip
+                    raise ValueError(f"messages[{k}] must have a role in {', '.join(CHAT_ROLES)} and a string "
+                                     f"content (got {m!r})")
+            self.messages = tuple({"role": m["role"], "content": m["content"]} for m in self.messages)
+        self.stop = check_stop(self.stop)
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass
 class TextResult:
-    """The copy for one request, or the reason there is none (`error`, with `text` empty)."""
+    """The text for one request, or the reason there is none (`error`, with `text` empty)."""
 
     text: str = ""
-    num_tokens: int = 0  # generated tokens, EOS excluded
+    num_tokens: int = 0  # generated tokens, EOS excluded (with a stop string: up to the one that completed it)
     prompt_tokens: int = 0
-    finished: bool = False  # True when the model ended the copy (EOS), False when cut at max_new_tokens
+    finished: bool = False  # True when the model ended the copy (EOS or a stop string): finish_reason == "stop"
     error: str | None = None
+    finish_reason: FinishReason | None = None
+    """"stop": EOS or a stop string; "length": max_new_tokens reached; "cancelled": ended by the caller
+    of `TextEngine.stream` (its `cancelled` said so), text is what was generated until then; None when
+    `error` is set."""
+
+
+@dataclass
+class TextDelta:
+    """A piece of one request's text from `TextEngine.stream`: `index` is its position in the requests;
+    `result` is set on the request's last delta only (then `result.text` is the whole text)."""
+
+    index: int
+    text: str
+    result: TextResult | None = None
 
 
 def prompt_template_of(artifact: Artifact) -> PromptTemplate:
@@ -137,15 +205,53 @@ class TextEngine:
 
     def generate(self, requests: Sequence[TextRequest]) -> list[TextResult]:
         """One result per request, in order. A request that cannot be served (missing required
-        feature, prompt + max_new_tokens over the context) gets `error` set; the others proceed."""
+        feature, no chat template, prompt + max_new_tokens over the context) gets `error` set; the
+        others proceed."""
+        results: list[TextResult] = [TextResult() for _ in requests]
+        for delta in self._run(requests, None, stepwise=any(r.stop for r in requests)):
+            if delta.result is not None:
+                results[delta.index] = delta.result
+        return results
+
+    def stream(self, requests: Sequence[TextRequest],
+               cancelled: Callable[[int], bool] | None = None) -> Iterator[TextDelta]:  # fmt: skip
+        """`generate` delta by delta, as decode steps produce the text (requests interleaved).
+
+        Each request's deltas, concatenated, are the text `generate` gives it (the same seed, whatever
+        the batch), and its last delta carries its `result`, equal to `generate`'s. A delta never
+        splits a character and never holds text that may turn out to begin a stop string (it waits
+        until it cannot); deltas with no text are not sent, except a last one. A request that fails
+        before decoding gets one delta: empty text, the result with `error`.
+        cancelled(index), when given, is asked once per decode step for each request still decoding;
+        True ends it at that step (its slot takes the next waiting request) with a last delta whose
+        result has finish_reason "cancelled" and the text generated until then.
+        """
+        return self._run(requests, cancelled, stepwise=True)
+
+    def _encode(self, request: TextRequest) -> list[int]:
+        if request.prompt is not None:
+            return encode_text(request.prompt, self.tokenizer)
+        if request.messages is not None:
+            return encode_chat(request.messages, self.tokenizer)
+        return encode_prompt(request.user, request.item, self.template, self.tokenizer)
+
+    def _prepare(self, requests: Sequence[TextRequest]) -> tuple[list[TextResult], list[DecodeRequest], list[int]]:
+        """Results (errors filled in), the decode requests of the servable ones, and where[j]: the
+        request decode[j] serves."""
         results = [TextResult() for _ in requests]
         decode: list[DecodeRequest] = []
-        where: list[int] = []  # decode[j] serves requests[where[j]]
+        where: list[int] = []
         for index, request in enumerate(requests):
+            if request.messages is not None and self.tokenizer.chat_template is None:
+                results[index].error = NO_CHAT_TEMPLATE
+                continue
             try:
-                prompt = encode_prompt(request.user, request.item, self.template, self.tokenizer)
+                prompt = self._encode(request)
             except (PromptError, UnicodeError) as exc:  # a lone surrogate in a value cannot be encoded
                 results[index].error = f"prompt: {exc}"
+                continue
+            if not prompt:
+                results[index].error = "prompt: the text is empty and the tokenizer has no BOS to start from"
                 continue
             room = self.context - len(prompt)
             sampling = request.sampling
@@ -159,19 +265,61 @@ class TextEngine:
             decode.append(DecodeRequest(prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
                                         sampling.top_p, request.seed))
             where.append(index)
+        return results, decode, where
+
+    def _run(self, requests: Sequence[TextRequest], cancelled: Callable[[int], bool] | None,
+             stepwise: bool) -> Iterator[TextDelta]:  # fmt: skip
+        """Deltas of all requests. stepwise=False: one delta per request, when it ends (decode_stream,
+        no per-step host sync); True: per decode step (decode_steps), needed for stop strings."""
+        results, decode, where = self._prepare(requests)
+        for index, result in enumerate(results):
+            if result.error is not None:
+                yield TextDelta(index, "", result)
         if not decode:
-            return results
-        outputs = decode_stream(
-            self.model,
-            decode,
-            slots=min(self.max_batch_size, len(decode)),
-            eos_ids=self.eos_ids,
-            refill=self.scheduling == "continuous",
-            max_len=max(len(r.prompt) + r.max_new_tokens for r in decode),
-        )
-        for j, tokens in outputs:
-            result = results[where[j]]
-            result.text = self.tokenizer.decode(tokens)
-            result.num_tokens = len(tokens)
-            result.finished = len(tokens) < decode[j].max_new_tokens
-        return results
+            return
+        schedule = dict(slots=min(self.max_batch_size, len(decode)), eos_ids=self.eos_ids,
+                        refill=self.scheduling == "continuous",
+                        max_len=max(len(r.prompt) + r.max_new_tokens for r in decode))  # fmt: skip
+        if not stepwise:
+            for j, tokens in decode_stream(self.model, decode, **schedule):
+                result = results[where[j]]
+                result.text = self.tokenizer.decode(tokens)
+                result.num_tokens = len(tokens)
+                self._close(result, "stop" if len(tokens) < decode[j].max_new_tokens else "length")
+                yield TextDelta(where[j], result.text, result)
+            return
+        end: set[int] = set()  # decode_steps ends these before their next token
+        texts: dict[int, StreamedText] = {}
+        closed: set[int] = set()  # answered already (stop string, cancelled): later events are ignored
+        for events in decode_steps(self.model, decode, end=end, **schedule):
+            for j, tokens, done in events:
+                if j in closed:
+                    continue
+                text = texts.get(j)
+                if text is None:
+                    text = texts[j] = StreamedText(self.tokenizer, requests[where[j]].stop)
+                piece = text.push(tokens)
+                reason: FinishReason | None = None
+                if text.stopped:
+                    end.add(j)
+                    reason = "stop"
+                elif done:
+                    reason = "stop" if text.num_tokens < decode[j].max_new_tokens else "length"
+                elif cancelled is not None and cancelled(where[j]):
+                    end.add(j)
+                    reason = "cancelled"
+                if reason is None:
+                    if piece:
+                        yield TextDelta(where[j], piece, None)
+                    continue
+                piece += text.finish()
+                result = results[where[j]]
+                result.text, result.num_tokens = text.shown, text.num_tokens
+                closed.add(j)
+                del texts[j]
+                self._close(result, reason)
+                yield TextDelta(where[j], piece, result)
+
+    @staticmethod
+    def _close(result: TextResult, reason: FinishReason) -> None:
+        result.finish_reason, result.finished = reason, reason == "stop"
