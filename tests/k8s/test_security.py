@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import tomllib
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -374,3 +375,27 @@ def test_the_dockerfile_builds_on_a_base_pinned_by_digest():
     (base,) = [line for line in lines if line.startswith("FROM ")]
     assert base == "FROM ${BASE}@${BASE_DIGEST}", base
     assert "ARG BASE_DIGEST" in lines, "BASE_DIGEST has a default: the build must pass the digest it pulls"
+
+
+# --- the online API --------------------------------------------------------------------------------
+
+def test_the_online_api_asks_for_a_key_from_a_secret_and_bounds_every_call(overlay):
+    """The RayService's serve config turns bearer auth on with a variable every pod that can hold a
+    replica fills from a Secret (not a value in the manifest), and the proxy's request timeout that
+    only serveConfigV2 can set equals the config's."""
+    name, docs = overlay
+    service = next(doc for doc in docs if doc["kind"] == "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    templates = [template for where, template in pod_templates([service])]
+    config_path = serve_config["applications"][0]["args"]["config"]
+    text = config_files(docs, templates[0])[config_path]
+    serve = tomllib.loads(text)["serve"]
+    variable = serve.get("api_keys_env")
+    assert variable, f"k8s/{name}: serve.api_keys_env is not set: the API would take calls from anyone"
+    for template in templates:
+        container = template["spec"]["containers"][0]
+        entries = [e for e in container.get("env", []) if e["name"] == variable]
+        assert len(entries) == 1 and "value" not in entries[0], f"k8s/{name}: {container['name']}: {entries}"
+        assert entries[0]["valueFrom"]["secretKeyRef"]["name"], entries
+    assert serve_config["http_options"]["request_timeout_s"] == serve["request_timeout_s"] > 0
+    assert 0 < serve["body_read_timeout_s"] < serve["request_timeout_s"]
