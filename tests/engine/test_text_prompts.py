@@ -34,36 +34,31 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def artifact() -> Artifact:
-    return lm_artifact()
-
-
-@pytest.fixture(scope="module")
 def chat_artifact() -> Artifact:
     return lm_artifact(chat_tokenizer(), seed=1)
 
 
-def greedy_tokens(artifact: Artifact, prompt: list[int], engine: TextEngine) -> list[int]:
+def greedy_tokens(random_lm: Artifact, prompt: list[int], engine: TextEngine) -> list[int]:
     [(_, tokens)] = decode_stream(engine.model, [DecodeRequest(prompt, GREEDY.max_new_tokens, 0)], 1,
                                   eos_ids=engine.eos_ids)  # fmt: skip
     return tokens
 
 
-def test_a_raw_prompt_is_encoded_as_the_text_layout_encodes_text(artifact: Artifact) -> None:
+def test_a_raw_prompt_is_encoded_as_the_text_layout_encodes_text(random_lm: Artifact) -> None:
     user, item = [("segment", "student")], [("title", "Tent")]
     text_layout = dataclasses.replace(TEMPLATE, layout="text")
     assert encode_text(text_prompt(user, item), TOK) == encode_prompt(dict(user), dict(item), text_layout, TOK)
     text = "Copy for a tent <eos> <sep> then more"
     ids = encode_text(text, TOK)
     assert ids == [TOK.bos_id, *text.encode()] and TOK.eos_id not in ids  # "<eos>" stays text
-    engine = TextEngine(artifact, max_batch_size=2)
+    engine = TextEngine(random_lm, max_batch_size=2)
     [result] = engine.generate([TextRequest(prompt=text, sampling=GREEDY)])
     assert result.prompt_tokens == len(ids) and result.error is None
-    assert result.text == TOK.decode(greedy_tokens(artifact, ids, engine))
+    assert result.text == TOK.decode(greedy_tokens(random_lm, ids, engine))
 
 
-def test_a_raw_prompt_keeps_the_engine_contract_same_seed_same_text(artifact: Artifact) -> None:
-    engine = TextEngine(artifact, max_batch_size=2)
+def test_a_raw_prompt_keeps_the_engine_contract_same_seed_same_text(random_lm: Artifact) -> None:
+    engine = TextEngine(random_lm, max_batch_size=2)
     sampled = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95)
     requests = [TextRequest(prompt="Hello", seed=s, sampling=sampled) for s in (5, 5, 6)]
     first = engine.generate(requests)
@@ -101,9 +96,9 @@ def test_a_message_cannot_forge_a_turn(chat_artifact: Artifact) -> None:
     assert bytes(i for i in ids if i < 256).decode().count(forged) == 1  # the content is there, as bytes
 
 
-def test_chat_requests_that_cannot_be_rendered_fail_alone(artifact: Artifact, chat_artifact: Artifact) -> None:
+def test_chat_requests_that_cannot_be_rendered_fail_alone(random_lm: Artifact, chat_artifact: Artifact) -> None:
     ok = TextRequest(prompt="Hello", sampling=GREEDY)
-    no_template = TextEngine(artifact).generate([TextRequest(messages=CHAT[1:2]), ok])
+    no_template = TextEngine(random_lm).generate([TextRequest(messages=CHAT[1:2]), ok])
     assert no_template[0].error == NO_CHAT_TEMPLATE and no_template[0].finish_reason is None
     assert no_template[1].error is None and no_template[1].num_tokens > 0
     twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
