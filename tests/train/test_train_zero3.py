@@ -1,10 +1,12 @@
 """ZeRO-3: parameters are partitioned across the 2 workers, yet training matches ZeRO-2 step for step,
-and the artifact gathered from the live engines equals what `zero_to_fp32` merges from the checkpoint."""
+the artifact gathered from the live engines equals what `zero_to_fp32` merges from the checkpoint, and
+a second run of the same name resumes from the partitioned checkpoint."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,15 +22,20 @@ pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).parent / "golden" / "lm_tiny_2workers.json"
 
 
-def test_zero3_trains_like_zero2_and_exports_the_gathered_weights(ray_local, deepspeed_ops, train_kit, tiny_world,
-                                                                  tmp_path):  # fmt: skip
+@pytest.fixture(scope="module")
+def zero3_run(ray_local, deepspeed_ops, train_kit, tiny_world, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("zero3")
     cfg = train_kit.lm_config(
         str(tiny_world), str(tmp_path / "runs"),
         train={"run_name": "lm-zero3"},  # 20 steps: the golden run's schedule
         # Threshold 0: even the tiny model's small tensors are partitioned, not kept whole on each rank.
         deepspeed={"zero_stage": 3, "zero3_persistence_threshold": 0},
     )  # fmt: skip
-    result = train_kit.run(cfg)
+    return SimpleNamespace(cfg=cfg, tmp_path=tmp_path, result=train_kit.run(cfg))
+
+
+def test_zero3_trains_like_zero2_and_exports_the_gathered_weights(zero3_run):
+    cfg, tmp_path, result = zero3_run.cfg, zero3_run.tmp_path, zero3_run.result
 
     # The same maths as ZeRO-2 (the golden run), up to the order of floating-point sums.
     assert result.losses[:10] == pytest.approx(json.loads(GOLDEN.read_text())["losses"], rel=1e-4)
@@ -59,3 +66,20 @@ def test_zero3_trains_like_zero2_and_exports_the_gathered_weights(ray_local, dee
         per_rank.append(sum(t.numel() for t in shard["optimizer_state_dict"]["fp32_flat_groups"]))
     assert all(0.4 * total < n < 0.6 * total for n in per_rank), (per_rank, total)
     assert total <= sum(per_rank) <= total + 1024, (per_rank, total)
+
+
+def test_same_run_name_resumes_from_the_partitioned_checkpoint(zero3_run, train_kit):
+    """Runs last: it continues the run above. Each rank loads its own partition of the weights and of
+    the optimizer state back, so training goes on from the trained model, not from a fresh one."""
+    cfg = zero3_run.cfg.model_copy(deep=True)
+    cfg.train.max_steps = 25  # the end of the first epoch: no second pass over the data to wait for
+    result = train_kit.run(cfg)
+    assert result.attempt_starts == [0, 20]  # started fresh, then resumed at the checkpoint of step 20
+    assert result.step == 25
+    assert [record["step"] for record in result.history] == list(range(1, 26))  # none lost, none repeated
+    assert result.history[:20] == zero3_run.result.history
+    first, trained, resumed = result.losses[0], result.losses[19], result.losses[20]
+    # A fresh model would start again near ln(264) = 5.6 (the first loss); the resumed one goes on
+    # from where step 20 left it.
+    assert abs(resumed - trained) < (first - trained) / 4, result.losses
+    assert result.metrics["samples"] == 25 * 2 * 8  # the counters came back with the checkpoint
