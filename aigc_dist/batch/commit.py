@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aigc_dist.batch.layout import RunLayout
+from aigc_dist.batch.layout import OUTPUT_DIRS, RunLayout
 from aigc_dist.batch.lock import Fence
 from aigc_dist.storage import AlreadyExistsError, Storage
 
@@ -53,10 +53,10 @@ def file_parts(table: pa.Table, max_file_bytes: int | None) -> list[pa.Table]:
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
 
 
-def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[str, pa.Table],
+def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[str, pa.Table | list[str]],
                  stats: dict[str, Any], fence: Fence, max_file_bytes: int | None = None) -> dict[str, Any]:
-    """Write `outputs` ({"data": table, "errors": table}) as the shard's files and commit them (a table
-    over `max_file_bytes` as several files, in row order).
+    """Write `outputs` ({"data": table, "errors": table}, and JSON lines by kind: layout.JSONL_KINDS) as the
+    shard's files and commit them (a table over `max_file_bytes` as several files, in row order).
 
     Returns the shard's commit marker: ours, or the one that won if another attempt committed first.
     FencedError (nothing committed, nothing deleted) when `fence` is no longer the run's lock holder.
@@ -64,6 +64,13 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
     attempt = uuid.uuid4().hex[:12]
     files = []
     for kind, table in outputs.items():
+        if isinstance(table, list):  # JSON lines: one file (text lines are small beside a shard's parquet)
+            if table:
+                relative = layout.output_file(kind, shard, attempt)
+                body = "".join(f"{line}\n" for line in table).encode("utf-8", "backslashreplace")
+                storage.write_bytes(layout.uri(relative), body)
+                files.append({"path": relative, "kind": kind, "rows": len(table), "bytes": len(body)})
+            continue
         if table.num_rows == 0:
             continue
         parts = file_parts(table, max_file_bytes)
@@ -91,14 +98,15 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
 
 def sweep_uncommitted(layout: RunLayout, storage: Storage, committed: dict[int, dict[str, Any]],
                       fence: Fence) -> list[str]:
-    """Delete the data/ and errors/ files that no marker of `committed` names; returns what was deleted.
+    """Delete the output files (data/, errors/, openai/) that no marker of `committed` names; returns what
+    was deleted.
 
     `committed` is the marker set the caller checked complete (every shard) and builds the manifest
     from: listing the markers again could miss one, and its files, listed in the manifest, would go.
     Run only when every shard is committed: then no attempt can commit again, so a file no marker
     names now never will be named. The lock is checked before every delete.
     """
-    listed = storage.list(layout.uri("data")) + storage.list(layout.uri("errors"))
+    listed = [uri for directory in OUTPUT_DIRS for uri in storage.list(layout.uri(directory))]
     kept = {layout.uri(entry["path"]) for marker in committed.values() for entry in marker["files"]}
     orphans = [uri for uri in listed if uri not in kept]
     for uri in orphans:

@@ -19,6 +19,7 @@ import pyarrow as pa
 from aigc_dist.batch.commit import commit_shard
 from aigc_dist.batch.layout import ERRORS_SCHEMA, IMAGE_SCHEMA, STAGES, TEXT_SCHEMA, RunLayout
 from aigc_dist.batch.lock import FencedError
+from aigc_dist.batch.openai_batch import output_lines
 from aigc_dist.batch.quality import filter_reason, text_quality
 from aigc_dist.batch.shards import GENERATED_SCHEMAS, ShardContext, error_row, from_ipc
 from aigc_dist.storage import Storage
@@ -34,9 +35,12 @@ def _data_row(row: dict[str, Any], context: ShardContext, created_at: Any) -> di
     if backfill.mode == "image":
         return {**out, "image": row["image"], "label": row["label"], "width": row["width"], "height": row["height"],
                 "num_bytes": len(row["image"])}
-    return {**out, "content": row["content"], "temperature": backfill.temperature, "top_k": backfill.top_k,
-            "top_p": backfill.top_p, "max_new_tokens": backfill.max_new_tokens, "num_tokens": row["num_tokens"],
-            "prompt_tokens": row["prompt_tokens"], "finished": row["finished"]}
+    # A batch file's line samples as its body says (the run's values where it says nothing).
+    sampling = json.loads(row["request"]) if row.get("request") else backfill.model_dump(
+        include={"temperature", "top_k", "top_p", "max_new_tokens"})
+    return {**out, "content": row["content"], "num_tokens": row["num_tokens"], "prompt_tokens": row["prompt_tokens"],
+            "finished": row["finished"], **{k: sampling[k] for k in ("temperature", "top_k", "top_p",
+                                                                     "max_new_tokens")}}
 
 
 def read_generated(tasks: list[dict[str, Any]], storage: Storage, mode: str) -> tuple[pa.Table, list[dict], dict]:
@@ -70,7 +74,7 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     created_at = datetime.datetime.now(datetime.UTC)
     generated, errors, stats = read_generated(tasks, storage, backfill.mode)
     side = stats.pop("side")
-    data = []
+    data, answered = [], []  # answered: the generated rows kept in data/, for the OpenAI output lines
     for row in generated.to_pylist():
         out = _data_row(row, context, created_at)
         if backfill.mode == "text":
@@ -80,6 +84,7 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
                 errors.append(error_row(row, "filter", reason, side, content=row["content"]))
                 continue
         data.append(out)
+        answered.append(row)
     for error in errors:
         error["created_at"] = created_at
     requests_side = [e for e in errors if e["table"] == side]
@@ -96,8 +101,11 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     )
     stats["seconds"]["finish"] = time.perf_counter() - started
     schema = TEXT_SCHEMA if backfill.mode == "text" else IMAGE_SCHEMA
-    outputs = {"data": pa.Table.from_pylist(data, schema=schema),
-               "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
+    outputs: dict[str, Any] = {"data": pa.Table.from_pylist(data, schema=schema),
+                               "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
+    if backfill.output_format == "parquet+openai":
+        outputs.update(output_lines(backfill.run_id, context.model["name"], answered, errors, side,
+                                    int(created_at.timestamp())))
     marker = commit_shard(layout, storage, shard, outputs, stats, context.fence, backfill.max_file_bytes)
     # Committed (ours or a winner's): the task files are this session's own and no longer needed;
     # what a failed delete leaves goes with `_work/` when the run completes.

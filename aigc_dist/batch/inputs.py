@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from aigc_dist.batch.openai_batch import batch_ids, parse_batch_line
 from aigc_dist.batch.records import ReadLimits, nesting_depth, printable, raw_json
 from aigc_dist.errors import UserError
 from aigc_dist.storage import Storage
@@ -43,7 +44,8 @@ WORK_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("stage", pa.string()),
 ])
-TableKind = Literal["candidates", "requests", "users", "items", "examples"]  # examples: training rows
+# examples: training rows; batch: the lines of an OpenAI Batch file read as the requests table
+TableKind = Literal["candidates", "requests", "users", "items", "examples", "batch"]
 _IDENTITY_THREADS = 16  # HEADs (S3) or hashes (local) of many input files at once
 
 
@@ -248,6 +250,11 @@ def check_row(row: dict[str, Any], rules: RowRules) -> str | None:
         checks = [_check_id("request_id", row.get("request_id"), limits, required=False),
                   _check_id("user_id", row.get("user_id"), limits, required=not has_id),
                   _check_id("item_id", row.get("item_id"), limits, required=not has_id)]
+    elif rules.kind == "batch":
+        user_id, item_id = batch_ids(row)
+        checks = [_check_id("custom_id", row.get("custom_id"), limits), parse_batch_line(row)[1],
+                  _check_id("body.aigc.user_id", user_id, limits, required=False),
+                  _check_id("body.aigc.item_id", item_id, limits, required=False)]
     elif rules.kind == "examples":  # training rows: ids are looked up, not required (features may be inline)
         checks = []
     else:
@@ -265,6 +272,8 @@ def _valid_id(row: dict[str, Any], name: str, limits: ReadLimits) -> str | None:
 
 def _request_key(row: dict[str, Any], rules: RowRules) -> str | None:
     """The row's request_id when it can be known (also for bad rows, so errors/ can name it)."""
+    if rules.kind == "batch":
+        return _valid_id(row, "custom_id", rules.limits)
     if rules.kind == "requests" and row.get("request_id") not in (None, ""):
         return _valid_id(row, "request_id", rules.limits)
     user_id, item_id = _valid_id(row, "user_id", rules.limits), _valid_id(row, "item_id", rules.limits)
@@ -275,7 +284,8 @@ def work_row(row: dict[str, Any], rules: RowRules, read_error: str | None = None
     """The work row of one parsed input row (see the module docstring)."""
     error = read_error or check_row(row, rules)
     raw = raw_json(row, rules.limits.max_nesting_depth)
-    user_id, item_id = _valid_id(row, "user_id", rules.limits), _valid_id(row, "item_id", rules.limits)
+    ids = dict(zip(("user_id", "item_id"), batch_ids(row), strict=True)) if rules.kind == "batch" else row
+    user_id, item_id = _valid_id(ids, "user_id", rules.limits), _valid_id(ids, "item_id", rules.limits)
     if rules.kind == "users":
         key = user_id
     elif rules.kind == "items":
@@ -283,7 +293,7 @@ def work_row(row: dict[str, Any], rules: RowRules, read_error: str | None = None
     else:
         key = _request_key(row, rules)
     # Candidates shard by user, so that each shard joins against one slice of the users table;
-    # requests by request_id, so that duplicates meet in one shard.
+    # requests by request_id (a batch file's lines by custom_id), so that duplicates meet in one shard.
     shard_key = (user_id if rules.kind in ("candidates", "users") else key) or raw
     return {"shard": shard_of(shard_key, rules.num_shards), "key": key, "user_id": user_id, "item_id": item_id,
             "raw": raw, "error": error, "stage": None if error is None else "read" if read_error else "validate"}

@@ -2,6 +2,8 @@
 
     data/shard-SSSSS-ATTEMPT.parquet     generated rows of one shard (one file per committed shard)
     errors/shard-SSSSS-ATTEMPT.parquet   quarantined and filtered rows of one shard, with the reason
+    openai/output-SSSSS-ATTEMPT.jsonl    backfill.output_format = "parquet+openai": the shard's rows as OpenAI
+    openai/errors-SSSSS-ATTEMPT.jsonl    batch output and error lines (openai_batch.py), committed with the parquet
     _commits/shard-SSSSS.json            commit marker: the shard's files, counts, tokens, timings
     _manifest.json                       written last, when every shard is committed
     _run.json, _plan.json                what the run was started with; how its input was sharded
@@ -48,6 +50,9 @@ ERRORS_SCHEMA = pa.schema([
     *_KEYS, ("stage", pa.string()), ("error", pa.string()), ("raw", pa.large_string()), ("content", pa.string()),
     ("table", pa.string()), _CREATED,
 ])
+# Output file kinds besides data/ and errors/: JSON lines, under openai/ (their names' prefixes).
+JSONL_KINDS = {"openai_output": "openai/output", "openai_errors": "openai/errors"}
+OUTPUT_DIRS = ("data", "errors", "openai")
 # Where a row can fail, in pipeline order; "filter" rows count as filtered, the others as quarantined.
 STAGES = ("read", "validate", "join", "prompt", "generate", "filter")
 
@@ -110,6 +115,8 @@ class RunLayout:
         """Relative path of a shard attempt's data or errors file (`part`: one of several, when the
         shard's rows are over backfill.max_file_bytes)."""
         suffix = "" if part is None else f"-part{part:04d}"
+        if kind in JSONL_KINDS:
+            return f"{JSONL_KINDS[kind]}-{shard:05d}-{attempt}{suffix}.jsonl"
         return f"{kind}/shard-{shard:05d}-{attempt}{suffix}.parquet"
 
 

@@ -42,6 +42,7 @@ from aigc_dist.batch.finish import finish_generated
 from aigc_dist.batch.inputs import InputTable, RowRules, describe_input_change, identify, resolve_input
 from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.lock import FencedError, RunLock
+from aigc_dist.batch.openai_batch import request_counts
 from aigc_dist.batch.progress import Progress, build_manifest
 from aigc_dist.batch.reading import count_rows, read_work_rows, work_dataset
 from aigc_dist.batch.records import ReadLimits
@@ -120,12 +121,19 @@ def describe_artifact(uri: str, storage: Storage) -> dict[str, Any]:
 
 
 def resolve_tables(data: DataConfig, storage: Storage) -> dict[str, InputTable]:
-    """candidates + users + items, or requests: whichever the data section names."""
+    """candidates + users + items, or requests (an OpenAI Batch file: + users + items if given)."""
     if data.requests:
-        if data.candidates or data.users or data.items:
+        batch = data.requests_format == "openai_batch"
+        if data.candidates or (data.users is None) != (data.items is None) or (data.users and not batch):
             raise BackfillError("data.requests is a pre-joined table: leave data.candidates, data.users and "
-                                "data.items unset when it is given")
-        return {"requests": resolve_input("requests", data.requests, data.format, storage)}
+                                "data.items unset when it is given (an OpenAI Batch file, data.requests_format="
+                                "openai_batch, may set both data.users and data.items, for its aigc lines)")
+        names = ("requests", "users", "items") if data.users else ("requests",)
+        tables = {name: resolve_input(name, getattr(data, name), data.format, storage) for name in names}
+        if batch and tables["requests"].format != "jsonl":
+            raise BackfillError(f"data.requests_format=openai_batch reads a .jsonl file; {data.requests} is "
+                                f"{tables['requests'].format}")
+        return tables
     missing = [name for name in ("candidates", "users", "items") if getattr(data, name) is None]
     if missing:
         raise BackfillError(f"set data.{', data.'.join(missing)} (or data.requests for a pre-joined table)")
@@ -139,7 +147,8 @@ def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any])
         "run_id", "output", "artifact", "min_actors", "max_actors", "cpus_per_actor", "gpus_per_actor",
         "progress_interval_s", "lock_stale_after_s", "startup_overlap"})
     decisive["data"] = data.model_dump(mode="json", include={
-        "max_id_chars", "max_value_chars", "max_record_bytes", "max_nesting_depth", "max_fields", "format"})
+        "max_id_chars", "max_value_chars", "max_record_bytes", "max_nesting_depth", "max_fields", "format",
+        "requests_format"})
     decisive["model_digest"] = model["digest"]
     digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return {"output_digest": digest,
@@ -210,6 +219,7 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
     work = uuid.uuid4().hex[:12]
     limits = ReadLimits.of(data)
     side = "requests" if "requests" in tables else "candidates"
+    kind = "batch" if data.requests_format == "openai_batch" and side == "requests" else side
     total, chunks = count_rows(tables[side], storage, limits)
     num_shards = max(1, math.ceil(total / backfill.rows_per_file))
     plan = {"num_shards": num_shards, "total_rows": total, "rows_per_file": backfill.rows_per_file,
@@ -217,10 +227,12 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
 
     def write_pass() -> None:
         log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
-        parts = [read_work_rows(tables[side], RowRules(side, num_shards, id_salt, limits), storage, "requests",
+        parts = [read_work_rows(tables[side], RowRules(kind, num_shards, id_salt, limits), storage, "requests",
                                 chunks, rows=total)]
         if "users" in tables:
-            parts.append(read_work_rows(tables["users"], RowRules("users", num_shards, limits=limits), storage,
+            # A batch file's lines shard by custom_id, not by user: its users go whole to shard 0, as items do.
+            user_shards = 1 if kind == "batch" else num_shards
+            parts.append(read_work_rows(tables["users"], RowRules("users", user_shards, limits=limits), storage,
                                         "users"))
             parts.append(read_work_rows(tables["items"], RowRules("items", 1, limits=limits), storage, "items"))
         out_fs, out_path = storage.filesystem(layout.work_pass(work))
@@ -353,7 +365,7 @@ def _generate(pending: list[int], context: ShardContext, write_pass: Callable[[]
     items: list[Any] = []  # the broadcast catalog's dataset: its blocks stay until the shards are done
 
     def item_refs() -> list[Any]:
-        if not context.joins_users:
+        if not context.profiles:
             return []
         dataset, refs = _item_refs(layout, storage, plan, data)
         items.append(dataset)
@@ -370,6 +382,9 @@ def _generate(pending: list[int], context: ShardContext, write_pass: Callable[[]
 
 
 def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
+    if backfill.mode == "image" and backfill.output_format != "parquet":
+        raise BackfillError(f"backfill.output_format={backfill.output_format} writes text completions; image "
+                            "backfills write parquet only")
     wanted_kinds = ("lm",) if backfill.mode == "text" else ("cgan", "cvae")
     if model["kind"] not in wanted_kinds:
         raise BackfillError(f"backfill.mode={backfill.mode} needs a {' or '.join(wanted_kinds)} artifact; "
@@ -380,7 +395,7 @@ def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
 
 
 def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: dict[str, Any],
-            progress: Progress, lock: RunLock) -> dict[str, Any]:
+            progress: Progress, lock: RunLock, openai: bool = False) -> dict[str, Any]:
     """Every shard committed: sweep uncommitted files, write the manifest (last), drop the work files.
 
     The sweep and the manifest use the one marker set checked complete here: a second listing could
@@ -393,6 +408,8 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
     _failpoint("before_manifest")
     sweep_uncommitted(layout, storage, committed, lock.fence)
     manifest = build_manifest(layout, run_info, plan, committed, progress)
+    if openai:  # an OpenAI Batch file in, or OpenAI-shaped files out: its counts as a Batch object gives them
+        manifest["request_counts"] = request_counts(manifest["counts"])
     _fenced(lock, storage)
     storage.write_json(layout.manifest, manifest)
     fs, work = storage.filesystem(layout.work)
@@ -464,14 +481,16 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
         progress = Progress(layout, storage, backfill.run_id, plan, committed, started, metrics)
         with progress.reporting(lock.check, backfill.progress_interval_s):
             if pending:
-                context = ShardContext(layout.root, backfill, storage_config, "users" in tables, model, plan["work"],
-                                       lock.fence, uuid.uuid4().hex[:12], model["template"], model["tokenizer"],
-                                       model["labels"])
+                context = ShardContext(layout.root, backfill, storage_config, "candidates" in tables, model,
+                                       plan["work"], lock.fence, uuid.uuid4().hex[:12], model["template"],
+                                       model["tokenizer"], model["labels"], data.requests_format,
+                                       "users" in tables)
                 for marker in _generate(pending, context, write_pass, plan, data, progress):
                     progress.add(marker)
                     progress.check()
                     _failpoint("shard_committed")
-        manifest = _finish(layout, storage, run_info, plan, progress, lock)
+        openai = backfill.output_format != "parquet" or data.requests_format == "openai_batch"
+        manifest = _finish(layout, storage, run_info, plan, progress, lock, openai)
     counts = manifest["counts"]
     log.info("backfill %s complete: %d rows (%d ok, %d quarantined, %d filtered) -> %s", backfill.run_id,
              counts["total"], counts["ok"], counts["quarantined"], counts["filtered"], layout.manifest)

@@ -205,8 +205,8 @@ def build_manifest(layout: RunLayout, run_info: dict[str, Any], plan: dict[str, 
     files: dict[str, list[dict[str, Any]]] = {"data": [], "errors": []}
     for shard in sorted(markers):
         for entry in markers[shard]["files"]:
-            files[entry["kind"]].append({"path": entry["path"], "shard": shard, "rows": entry["rows"],
-                                         "bytes": entry["bytes"]})
+            files.setdefault(entry["kind"], []).append({"path": entry["path"], "shard": shard,
+                                                        "rows": entry["rows"], "bytes": entry["bytes"]})
     finished = time.time()
     session_s = max(finished - progress.session_started, 1e-9)
     data_files = len(files["data"])

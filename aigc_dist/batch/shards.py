@@ -43,11 +43,15 @@ from aigc_dist.metrics import ActorMetrics
 from aigc_dist.storage import Storage, join_uri
 
 _KEY_COLUMNS = [("request_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string())]
+# `request`: what an OpenAI Batch line asks for (openai_batch.parse_batch_line, the run's defaults filled
+# in), as JSON; null for the rows of a candidates or requests table, which the run's sampling serves.
 PREPARED_SCHEMA = pa.schema([*_KEY_COLUMNS, ("seed", pa.int64()), ("user", pa.large_string()),
-                             ("item", pa.large_string()), ("raw", pa.large_string()), ("label", pa.int32())])
+                             ("item", pa.large_string()), ("raw", pa.large_string()), ("label", pa.int32()),
+                             ("request", pa.large_string())])
 GENERATED_SCHEMAS = {
     "text": PREPARED_SCHEMA.append(pa.field("content", pa.string())).append(pa.field("num_tokens", pa.int32()))
-    .append(pa.field("prompt_tokens", pa.int32())).append(pa.field("finished", pa.bool_())),
+    .append(pa.field("prompt_tokens", pa.int32())).append(pa.field("finished", pa.bool_()))
+    .append(pa.field("finish_reason", pa.string())),
     "image": PREPARED_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32()))
     .append(pa.field("height", pa.int32())),
 }
@@ -76,6 +80,8 @@ class ShardContext:
     template: dict[str, Any] | None = None  # text: the artifact's prompt template
     tokenizer: dict[str, Any] | None = None
     labels: list[str] = field(default_factory=list)  # image: class names, index = class id
+    requests_format: str = "table"  # data.requests_format: "openai_batch" reads the rows as batch lines
+    profiles: bool = False  # users and items tables are given (candidates, or a batch file's aigc lines)
 
 
 def row_seed(base_seed: int, request_id: str) -> int:
@@ -130,6 +136,8 @@ class ShardPreparer:
         self.layout = RunLayout(context.root)
         self.gate = gate
         self.items: ProfileIndex | None = None  # once the partition pass is done (`_input`)
+        self.users: ProfileIndex | None = None  # a batch file's: the whole users snapshot, read on first use
+        self.batch = context.requests_format == "openai_batch"
         self.side = "candidates" if context.joins_users else "requests"
         self.template = self.tokenizer = None
         if context.template is not None:
@@ -162,9 +170,19 @@ class ShardPreparer:
             self.items = ProfileIndex(pa.concat_tables(items) if items else WORK_SCHEMA.empty_table(), "item")
         return self.items
 
-    def _condition(self, user: dict[str, Any], item: dict[str, Any]) -> tuple[int | None, str | None]:
+    def _batch_users(self) -> ProfileIndex:
+        """A batch file's users: not sharded with its lines (those go by custom_id, so duplicates meet), but
+        one snapshot (shard 0 of the pass) that every preparer reads once."""
+        if self.users is None:
+            self.users = ProfileIndex(read_work_files(self.storage, self.layout.work_dir(self.context.work, "users",
+                                                                                         0)), "user")
+        return self.users
+
+    def _condition(self, user: dict[str, Any], item: dict[str, Any],
+                   max_new_tokens: int | None = None) -> tuple[int | None, str | None]:
         """(image label, None) or (None, why no prompt/condition can be built for this pair)."""
         backfill, model = self.context.backfill, self.context.model
+        max_new_tokens = max_new_tokens or backfill.max_new_tokens
         if self.template is not None:
             from aigc_dist.data.prompts import encode_prompt
 
@@ -172,8 +190,8 @@ class ShardPreparer:
                 prompt = encode_prompt(user, item, self.template, self.tokenizer)
             except ValueError as exc:  # PromptError, or text that cannot be encoded
                 return None, str(exc)
-            if len(prompt) + backfill.max_new_tokens > model["max_seq_len"]:
-                return None, (f"prompt of {len(prompt)} tokens + max_new_tokens={backfill.max_new_tokens} exceeds "
+            if len(prompt) + max_new_tokens > model["max_seq_len"]:
+                return None, (f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
                               f"the model's context of {model['max_seq_len']}")
             return None, None
         side, name = backfill.image_label_field.split(".", 1)
@@ -201,6 +219,8 @@ class ShardPreparer:
             errors += _profile_errors(users)
             if shard == 0:
                 errors += _profile_errors(items)
+        elif self.context.profiles and shard == 0:  # a batch file's users and items: one snapshot each
+            errors += _profile_errors(self._batch_users()) + _profile_errors(items)
         size = self.context.backfill.task_rows
         num_tasks = max(1, math.ceil(work.num_rows / size))
         for number in range(num_tasks):
@@ -223,9 +243,12 @@ class ShardPreparer:
         """(request, None), or (None, (stage, reason)) for a row that goes to errors/."""
         if row["error"] is not None:
             return None, (row["stage"], row["error"])
-        if row["key"] in seen:  # rows are in request_id order, so the first of a duplicate is kept
-            return None, ("validate", f"duplicate request_id {row['key']} (the first row is kept)")
+        if row["key"] in seen:  # rows are in (request_id, raw) order, so the first of a duplicate is kept
+            name = "custom_id" if self.batch else "request_id"
+            return None, ("validate", f"duplicate {name} {row['key']} (the first row is kept)")
         seen.add(row["key"])
+        if self.batch:
+            return self._prepare_line(row)
         if users is not None:
             (user, user_problem), (item, item_problem) = users.get(row["user_id"]), self.items.get(row["item_id"])
             if user_problem or item_problem:
@@ -237,7 +260,34 @@ class ShardPreparer:
             return None, ("prompt", problem)
         return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
                 "seed": row_seed(self.context.backfill.seed, row["key"]), "user": json.dumps(user),
-                "item": json.dumps(item), "raw": row["raw"], "label": label}, None
+                "item": json.dumps(item), "raw": row["raw"], "label": label, "request": None}, None
+
+    def _prepare_line(self, row: dict[str, Any]) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+        """A batch file's line: its request with the run's sampling where the body leaves it; an aigc line
+        joins the users and items tables and renders the run's own prompt, as a candidates row does."""
+        from aigc_dist.batch.openai_batch import parse_batch_line
+
+        backfill = self.context.backfill
+        request, _ = parse_batch_line(json.loads(row["raw"]))  # valid: the partition pass checked it
+        defaults = {"max_new_tokens": backfill.max_new_tokens, "temperature": backfill.temperature,
+                    "top_k": backfill.top_k, "top_p": backfill.top_p,
+                    "seed": row_seed(backfill.seed, row["key"])}
+        request.update({k: v for k, v in defaults.items() if request.get(k) is None})
+        user: dict[str, Any] = {}
+        item: dict[str, Any] = {}
+        if "aigc" in request:
+            if not self.context.profiles:
+                return None, ("join", "body.aigc names a user and an item: set data.users and data.items")
+            (user, user_problem), (item, item_problem) = (self._batch_users().get(row["user_id"]),
+                                                          self.items.get(row["item_id"]))
+            if user_problem or item_problem:
+                return None, ("join", user_problem or item_problem)
+            _, problem = self._condition(user, item, request["max_new_tokens"])
+            if problem:
+                return None, ("prompt", problem)
+        return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
+                "seed": request["seed"], "user": json.dumps(user), "item": json.dumps(item), "raw": row["raw"],
+                "label": None, "request": json.dumps(request)}, None
 
 
 class ShardGenerator:
@@ -277,18 +327,29 @@ class ShardGenerator:
     def _results(self, requests: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, str | None]]:
         """(output columns, None) or (None, error) per request, in order."""
         if self.mode == "text":
-            from aigc_dist.engine.text import TextRequest
-
-            results = self.engine.generate([TextRequest(json.loads(r["user"]), json.loads(r["item"]), r["seed"],
-                                                        self.sampling) for r in requests])
+            results = self.engine.generate([self._text_request(r) for r in requests])
             return [(None, res.error) if res.error else
                     ({"content": res.text, "num_tokens": res.num_tokens, "prompt_tokens": res.prompt_tokens,
-                      "finished": res.finished}, None) for res in results]
+                      "finished": res.finished, "finish_reason": res.finish_reason}, None) for res in results]
         from aigc_dist.engine.images import ImageRequest
 
         results = self.engine.generate([ImageRequest(r["label"], None, r["seed"]) for r in requests])
         return [(None, res.error) if res.error else
                 ({"image": res.png, "width": res.width, "height": res.height}, None) for res in results]
+
+    def _text_request(self, row: dict[str, Any]) -> Any:
+        """The engine's request for a prepared row: the run's sampling, or a batch line's own (and its raw
+        prompt or chat messages, when it gives them instead of an aigc user and item)."""
+        from aigc_dist.engine.text import SamplingParams, TextRequest
+
+        user, item = json.loads(row["user"]), json.loads(row["item"])
+        if row.get("request") is None:
+            return TextRequest(user, item, row["seed"], self.sampling)
+        request = json.loads(row["request"])
+        sampling = SamplingParams(request["max_new_tokens"], request["temperature"], request["top_k"],
+                                  request["top_p"])
+        return TextRequest(user, item, row["seed"], sampling, prompt=request.get("prompt"),
+                           messages=request.get("messages"), stop=tuple(request["stop"]))
 
     def _record(self, results: list[tuple[dict[str, Any] | None, str | None]], seconds: float) -> None:
         ok = [columns for columns, problem in results if problem is None]

@@ -157,6 +157,12 @@ class DataConfig(Section):
     items: str | None = Field(None, description="Items table: item_id + features.")
     candidates: str | None = Field(None, description="Candidates: user_id, item_id, optional rank/score.")
     requests: str | None = Field(None, description="Pre-joined requests table (instead of the three above).")
+    requests_format: Literal["table", "openai_batch"] = Field(
+        "table",
+        description="What data.requests holds: a table of request rows, or an OpenAI Batch input file (.jsonl, "
+        "one {custom_id, method, url, body} per line; request_id = custom_id). A batch file may set data.users "
+        "and data.items too, for lines whose body carries the `aigc` extension (user_id, item_id).",
+    )
     format: Literal["auto", "parquet", "jsonl", "csv"] = Field(
         "auto", description="Input format; auto = from the file extension."
     )
@@ -236,6 +242,12 @@ class BackfillConfig(Section):
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, ge=0, description="Base seed; each row's seed derives from it and request_id.")
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per output parquet file.")
+    output_format: Literal["parquet", "parquet+openai"] = Field(
+        "parquet",
+        description="parquet: data/ and errors/. parquet+openai: also, per shard, openai/output-*.jsonl and "
+        "openai/errors-*.jsonl in OpenAI's batch output shape (matched by custom_id = request_id), committed with "
+        "the parquet files; the manifest adds request_counts.",
+    )
     max_file_bytes: int = Field(
         512 * 1024**2,
         ge=1024,
