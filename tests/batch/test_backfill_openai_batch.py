@@ -1,6 +1,6 @@
 """An OpenAI Batch file as the backfill's requests table, with OpenAI-shaped output and error files.
 
-One run serves every test (a module fixture): a batch file on S3 with completion, chat and
+One run serves every backfill test here (a module fixture): a batch file on S3 with completion, chat and
 personalization (aigc) lines and bad lines of every kind, backfilled with
 `output_format = "parquet+openai"` by a driver subprocess SIGKILLed after its first commit and then
 resumed in-process, so what the tests read is the output of a resumed run.
@@ -224,3 +224,41 @@ def test_completion_and_chat_lines_get_what_the_engine_gives_their_prompt_messag
         text = choice["message"]["content"] if url == CHAT else choice["text"]
         assert (text, choice["finish_reason"]) == (expected.text, expected.finish_reason), custom_id
         assert output[custom_id]["usage"]["completion_tokens"] == expected.num_tokens
+
+
+@pytest.mark.parametrize("line, words", [
+    ({"url": COMPLETIONS, "body": {"prompt": "x"}}, 'method null: batch lines are POST requests'),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": "x"}, "extra": 1}, "field 'extra' is not part"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"messages": [{"role": "user", "content": "x"}]}},
+     "body.messages belongs to /v1/chat/completions"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": ["a", "b"]}}, "body.prompt must be one non-empty"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": "x", "aigc": {"user_id": "u", "item_id": "i"}}},
+     "give one of prompt and aigc (got prompt and aigc)"),
+    ({"method": "POST", "url": CHAT, "body": {"messages": [{"role": "tool", "content": "x"}]}},
+     "body.messages[0].role must be one of system, user, assistant"),
+    ({"method": "POST", "url": CHAT, "body": {"messages": [{"role": "user", "content": [{"type": "text"}]}]}},
+     "content parts are not supported"),
+    ({"method": "POST", "url": CHAT, "body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                                              "max_completion_tokens": 5}}, "disagree"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": "x", "temperature": 3}}, "body.temperature must be"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": "x", "stop": ["a"] * 5}}, "body.stop must be"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": "x", "seed": -1}}, "body.seed must be"),
+    ({"method": "POST", "url": COMPLETIONS, "body": {"prompt": "x", "response_format": {"type": "json"}}},
+     "body.response_format is not supported"),
+])
+def test_a_batch_line_is_refused_naming_what_is_wrong(line, words):
+    from aigc_dist.batch.openai_batch import parse_batch_line
+
+    request, problem = parse_batch_line(line)
+    assert request is None and words in problem, problem
+
+
+def test_a_batch_line_maps_to_sampling_and_null_fields_are_absent():
+    from aigc_dist.batch.openai_batch import parse_batch_line
+
+    request, problem = parse_batch_line({"custom_id": "c", "method": "POST", "url": CHAT, "body": {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7, "top_p": 0.5,
+        "stop": "\n", "logprobs": None, "tools": None, "n": 1, "presence_penalty": 0}})
+    assert problem is None
+    assert request == {"url": CHAT, "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 7,
+                       "temperature": None, "top_p": 0.5, "top_k": None, "seed": None, "stop": ["\n"]}
