@@ -8,9 +8,13 @@ checkpoints to `<storage_path>/<run_name>/` and, at the end, export the artifact
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +128,8 @@ def run_training(
         "training %s (%s) with %d workers, ZeRO-%d, checkpoints under %s",
         train.run_name, model.kind, train.num_workers, deepspeed.zero_stage, run_dir,
     )  # fmt: skip
-    result = trainer.fit()
+    with _sigterm_aborts_run():
+        result = trainer.fit()
     summary = result.return_value or {}
     checkpoint_uri = None
     if result.checkpoint is not None:
@@ -140,6 +145,35 @@ def run_training(
         artifact_uri=summary.get("artifact_uri"),
         metrics=history[-1] if history else {},
     )
+
+
+@contextlib.contextmanager
+def _sigterm_aborts_run() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, `aigc-dist jobs stop`, a Kubernetes pod's end) aborts the run as Ctrl-C does.
+
+    `fit()` registers Ray Train's SIGINT handler, which asks the TrainController to abort: it stops its
+    placement-group cleaner, kills the workers and ends, marking the run ABORTED. On SIGTERM Ray's own
+    handler only exits the driver, leaving the controller to die with its owner and its detached
+    placement-group cleaner to notice that by itself (which fails, and lingers, where two Ray instances
+    share a machine). The handler is called directly: Ray blocks SIGINT in a job's driver.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def abort(signum: int, frame: Any) -> None:
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:  # fit() has started
+            log.warning("SIGTERM: aborting the training run (its controller and workers)")
+            with contextlib.suppress(SystemExit):  # Ray Train's handler exits 0 once the controller is gone
+                on_interrupt(signal.SIGINT, frame)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, abort)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _absolute_locations(train: TrainConfig, data: DataConfig) -> tuple[TrainConfig, DataConfig]:

@@ -1,6 +1,7 @@
 """Fault tolerance: SIGKILL a Ray Train worker mid-run. With train.max_failures >= 1 Ray Train starts a
 new worker group, which resumes from the newest checkpoint, so the run still finishes, at most one
-checkpoint interval of steps is trained twice, and the losses are those of a run without a failure.
+checkpoint interval of steps is trained twice, and the losses are those of a run without a failure;
+with more failures than train.max_failures allows, the run ends with exit 1 and says so.
 The run is `jobs/train.py`, as `ray job submit` runs it. The losses of the run without a failure are
 recorded in golden/lm_fault_run.json by the same test with AIGC_UPDATE_GOLDEN=1 (no kill)."""
 
@@ -108,3 +109,33 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     losses = {str(record["step"]): record["loss"] for record in final["history"]}
     assert list(losses) == list(golden)  # each step recorded once: none lost, none repeated
     assert losses == pytest.approx(golden, rel=1e-4)
+
+
+def test_a_run_whose_workers_fail_more_than_max_failures_allows_exits_1_saying_so(
+    ray_local, deepspeed_ops, train_kit, tiny_world, tmp_path
+):
+    """train.max_failures = 0 and one SIGKILL mid-run: Ray Train gives up instead of restarting, and
+    `jobs/train.py` ends, without hanging on the dead rank, with exit 1 and a message that says how
+    often the workers failed against what train.max_failures allows, and how to resume."""
+    runs = tmp_path / "runs"
+    cfg = train_kit.lm_config(
+        str(tiny_world), str(runs),
+        # A checkpoint every step: the first one is the sign that training runs (and what a rerun resumes).
+        train={"run_name": "lm-fails", "max_steps": 200, "checkpoint_every_steps": 1, "max_failures": 0},
+    )  # fmt: skip
+    log = tmp_path / "driver.log"
+    driver = train_kit.start_driver("train.py", ["--config", str(train_kit.write_config(tmp_path / "c.toml", cfg))],
+                                    log)  # fmt: skip
+    try:
+        wait_for(lambda: committed_step(runs / "lm-fails"), 240, "the first checkpoint", driver, log)
+        victims = wait_for(our_train_workers, 30, "a train worker process", driver, log)
+        os.kill(victims[-1].pid, signal.SIGKILL)
+        returncode = driver.wait(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = log.read_text()
+    assert returncode == 1, output[-3000:]
+    assert "aigc-dist train: failed: train lm-fails: the workers failed 1 time (train.max_failures=0)" in output, \
+        output[-3000:]
+    assert "(run the same command again to resume run 'lm-fails' from its latest checkpoint)" in output
