@@ -125,7 +125,7 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted Ray job")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     actions = {"status": "state, exit status and times of a job", "logs": "the job's log (driver output)",
-               "stop": "stop a job (SIGTERM to its driver, then SIGKILL) and wait until it has stopped"}
+               "stop": "stop a job (SIGTERM to its driver, then SIGKILL) and wait until it and its actors have stopped"}
     for name, help_text in actions.items():
         action = jobs_sub.add_parser(name, help=help_text)
         action.add_argument("submission_id", metavar="ID", help="the job's submission id")
@@ -135,7 +135,8 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         elif name == "logs":
             action.add_argument("--follow", action="store_true", help="stream the log until the job ends")
         else:
-            action.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the job to end")
+            action.add_argument("--wait-s", type=float, default=60.0,
+                                help="how long to wait for the job and its actors to end")
 
 
 def _add_status_arguments(parser: argparse.ArgumentParser) -> None:

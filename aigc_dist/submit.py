@@ -65,6 +65,10 @@ _SECRET_WORDS = re.compile(r"(?:^|_)(?:SECRETS?|PASSWORD|PASSWD|TOKEN|KEY|APIKEY
                            re.IGNORECASE)
 METADATA_COMMAND, METADATA_RUN = "aigc_dist_command", "aigc_dist_run"
 ACTIVE_STATES = {"PENDING", "RUNNING"}
+# Ray's job supervisor sends a stopped job's driver SIGTERM, then SIGKILL after $RAY_JOB_STOP_WAIT_TIME_S
+# (3 s by default; read from the job's env_vars). A training driver uses that time to abort its run
+# (trainer._sigterm_aborts_run), which takes longer than 3 s on a busy cluster.
+STOP_GRACE_VARIABLE, STOP_GRACE_S = "RAY_JOB_STOP_WAIT_TIME_S", 30
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -256,8 +260,10 @@ def next_submission_id(client: Any, command: str, run_id: str) -> str:
 
 def submit(client: Any, command: str, run_id: str, argv: list[str], env: dict[str, Any],
            submission_id: str | None = None) -> str:
-    """Submit `argv` (see `job_arguments`) as a Ray job; returns its submission id (derived from the run
+    """Submit `argv` (see `job_arguments`) as a Ray job with runtime_env `env`, its driver given
+    `STOP_GRACE_S` to stop unless `env` says otherwise; returns its submission id (derived from the run
     unless given; either way, not while the run has an active job)."""
+    env = {**env, "env_vars": {STOP_GRACE_VARIABLE: str(STOP_GRACE_S), **(env.get("env_vars") or {})}}
     with _dashboard_errors(client.get_address()):
         derived = next_submission_id(client, command, run_id)
         return client.submit_job(entrypoint=shlex.join(argv), submission_id=submission_id or derived, runtime_env=env,
@@ -337,15 +343,43 @@ def jobs_command(action: str, submission_id: str, *, address: str | None, as_jso
                 sys.stdout.write(client.get_job_logs(submission_id))
         return 0
     if action == "stop":
+        deadline = time.monotonic() + wait_s
         with _dashboard_errors(client.get_address(), submission_id):
             client.stop_job(submission_id)
         info = wait(client, submission_id, timeout_s=wait_s)
         if not info.status.is_terminal():
             print(f"job {submission_id}: still {info.status} {wait_s:g} s after the stop request", file=sys.stderr)
             return EXIT_FAILED
+        alive = live_actors(client.get_address(), info.job_id)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = live_actors(client.get_address(), info.job_id)
+        if alive:
+            print(f"job {submission_id}: {info.status}, but {wait_s:g} s after the stop request its actors "
+                  f"{', '.join(alive)} still run and hold their resources (`ray list actors --filter "
+                  f"job_id={info.job_id}` on the cluster lists them)", file=sys.stderr)
+            return EXIT_FAILED
     status = job_status(client, submission_id)
     print(json.dumps(status, indent=2) if as_json else format_job_status(status))
     return 0
+
+
+def live_actors(address: str, job_id: str | None) -> list[str]:
+    """The actors of a job's driver (Ray job id `job_id`) not dead yet, as `Class (pid N)`, from the cluster's
+    state API (through its dashboard). Named detached actors are left out: they are services of the cluster,
+    found by name and used by every job, such as Ray Data's autoscaling coordinator, and outlive the job
+    that happened to start them by design."""
+    if job_id is None:  # the driver never joined the cluster, so it started nothing
+        return []
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        actors = list_actors(address=address, filters=[("job_id", "=", job_id), ("state", "!=", "DEAD")],
+                             limit=10_000, detail=True, raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError) as exc:
+        raise JobSubmissionError(f"cannot list the actors of job {job_id} at {address}: {exc}") from None
+    return [f"{actor.class_name} (pid {actor.pid})" for actor in actors if not (actor.is_detached and actor.name)]
 
 
 def job_status(client: Any, submission_id: str) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def kill_node(node_manager_port: int) -> int:
     return len(victims)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after the module that uses it: no later test shares the machine with it
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     with ray_cluster(tmp_path_factory.mktemp("ray-head"), [WORKER_CPUS]) as head:
         yield head

@@ -40,6 +40,26 @@ def train_overrides(bucket: str, run: str, max_steps: int) -> list[str]:
             "--model.max_seq_len=128", "--data.max_prompt_tokens=80", "--data.max_field_chars=24"]
 
 
+def ray_list(ray_head, kind: str, *filters: str, detail: bool = False) -> list[dict]:
+    """`ray list KIND --filter F ...` on the cluster (the state API, through its dashboard), as records."""
+    listed = ray_head.run("ray", "list", kind, "--address", ray_head.address, "--format", "json", "--limit", "10000",
+                          *(["--detail"] if detail else []), *[arg for f in filters for arg in ("--filter", f)],
+                          timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
+def live_actors_of(ray_head, job: str) -> list[str]:
+    """The actors that submitted job `job`'s driver (its Ray job id) started and that are not dead, as
+    `class state pid`; named detached ones aside (cluster services any job uses: Ray Data's coordinator)."""
+    [driver] = ray_list(ray_head, "jobs", f"submission_id={job}")
+    if driver["job_id"] is None:  # its driver never joined the cluster, so it started nothing
+        return []
+    return [f"{actor['class_name']} {actor['state']} {actor['pid']}"
+            for actor in ray_list(ray_head, "actors", f"job_id={driver['job_id']}", detail=True)
+            if actor["state"] != "DEAD" and not (actor["is_detached"] and actor["name"])]
+
+
 def job_status(ray_head, job: str) -> dict:
     done = ray_head.run("aigc-dist", "jobs", "status", job, "--json", "--address", ray_head.address, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -144,6 +164,11 @@ def test_a_running_job_is_not_submitted_twice_and_jobs_stop_stops_it(ray_head, b
     assert second.returncode == EXIT_RUN_LOCKED
     assert f"already has job {job} RUNNING" in second.stderr
 
+    # Stopped while it trains: its controller and both workers are up.
+    while sum(actor.startswith("RayTrainWorker ALIVE") for actor in live_actors_of(ray_head, job)) < 2:
+        assert time.monotonic() < deadline + 180, live_actors_of(ray_head, job)
+        time.sleep(1)
+
     stopped = ray_head.run("aigc-dist", "jobs", "stop", job, "--address", ray_head.address, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.startswith(f"{job}: STOPPED")
@@ -151,12 +176,14 @@ def test_a_running_job_is_not_submitted_twice_and_jobs_stop_stops_it(ray_head, b
     drivers = [p for p in psutil.process_iter(["cmdline"])
                if any(f"--train.run_name={run}" in part for part in p.info["cmdline"] or [])]
     assert not [p for p in drivers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # the driver is gone
+    assert live_actors_of(ray_head, job) == []  # and so is all it started: controller, workers, Ray Data's actors
 
     # The run is free again: its next job is a new attempt of the same run (which resumes it).
     again = ray_head.run(*submit, timeout=120)
     assert again.returncode == 0 and f"as job {job}-attempt2" in again.stderr
     assert ray_head.run("aigc-dist", "jobs", "stop", f"{job}-attempt2", "--address", ray_head.address,
                         timeout=120).returncode == 0
+    assert live_actors_of(ray_head, f"{job}-attempt2") == []
 
 
 def test_cluster_nodes_export_metrics_and_refuse_clients_without_the_token(ray_head):
