@@ -46,6 +46,18 @@ class TrainingResult:
         return [record["loss"] for record in self.history]
 
 
+class WorkersFailedError(RuntimeError):
+    """The run's workers failed more often than `train.max_failures` lets Ray Train restart them."""
+
+    def __init__(self, train: TrainConfig, cause: Exception):
+        # Ray Train raises only once a failure is one more than it may retry (-1 never raises).
+        times = train.max_failures + 1
+        super().__init__(
+            f"train {train.run_name}: the workers failed {times} time{'s' if times != 1 else ''} "
+            f"(train.max_failures={train.max_failures}), so Ray Train stopped restarting them; {cause}"
+        )
+
+
 def _ensure_ray(train: TrainConfig) -> None:
     """Join the cluster in RAY_ADDRESS (`ray job submit` sets it), else start a local Ray with room
     for the workers plus Ray Data's read and tokenize tasks: on a small machine the workers would
@@ -80,8 +92,8 @@ def run_training(
     """Train `model` on `train.dataset` with `train.num_workers` Ray Train workers; see the module doc.
 
     Uses the running Ray, else the cluster in `RAY_ADDRESS`, else starts a local one.
-    Raises `ConfigError` for settings that cannot work, and Ray's `TrainingFailedError` when the
-    workers fail more than `train.max_failures` times.
+    Raises `ConfigError` for settings that cannot work, and `WorkersFailedError` (from Ray's
+    `WorkerGroupError`, what each rank reported) when the workers fail more than `train.max_failures` times.
     """
     import ray
     import ray.data
@@ -128,8 +140,11 @@ def run_training(
         "training %s (%s) with %d workers, ZeRO-%d, checkpoints under %s",
         train.run_name, model.kind, train.num_workers, deepspeed.zero_stage, run_dir,
     )  # fmt: skip
-    with _sigterm_aborts_run():
-        result = trainer.fit()
+    try:
+        with _sigterm_aborts_run():
+            result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise WorkersFailedError(train, exc) from exc
     summary = result.return_value or {}
     checkpoint_uri = None
     if result.checkpoint is not None:
