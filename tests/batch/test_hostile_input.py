@@ -26,7 +26,7 @@ from aigc_dist.batch.records import ReadLimits, count_text_chunk, read_text_chun
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest
 from aigc_dist.data.synthetic import WorldConfig, make_world
-from aigc_dist.serve.profiles import ProfileTable, UnknownIdError
+from aigc_dist.serve.profiles import InvalidProfileError, ProfileTable
 from aigc_dist.storage import Storage
 
 # Small limits, so over-limit records stay small files: 8 KiB records, 1,000-character values, 64
@@ -343,8 +343,10 @@ def test_serve_loads_the_same_hostile_profile_tables_and_reports_the_bad_rows(ho
     for side, table, bad in (("user", users, BAD_USERS), ("item", items, BAD_ITEMS)):
         _assert_each_reason_once([r for r in table.rejected if "appears 2" not in r["error"]
                                   and "tree: nested" not in r["error"]], bad)
-        with pytest.raises(UnknownIdError):
-            table.resolve("u_twice" if side == "user" else "i_long", None)  # a rejected id answers as unknown
+        # A rejected id answers with its row's reason (a 422 from the API), not as unknown.
+        with pytest.raises(InvalidProfileError, match="cannot be used") as rejected:
+            table.resolve("u_twice" if side == "user" else "i_long", None)
+        assert rejected.value.key == ("u_twice" if side == "user" else "i_long")
     assert "users table: 8 rows rejected" in caplog.text and "items table: 6 rows rejected" in caplog.text
 
 
