@@ -2,8 +2,9 @@
 
     POST /v1/generate   personalized copy for one or many (user, item) requests
     POST /v1/images     class (+ features) -> base64 PNG
-    GET  /v1/models     what this replica serves, and its batching counters
+    GET  /v1/models     what this replica serves, and its batching counters (also in OpenAI's shape)
     GET  /healthz       200 when the replica has a model loaded
+    POST /v1/completions, /v1/chat/completions   OpenAI-compatible, streaming too (openai_api.py)
 
 Every route but /healthz needs `Authorization: Bearer <key>` when `serve.api_keys_env` is set (auth.py);
 a body must arrive within `serve.body_read_timeout_s` (408) and a call's tokens fit
@@ -29,9 +30,11 @@ from collections import Counter
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc_dist import __version__
 from aigc_dist.batch.records import ReadLimits
@@ -40,9 +43,17 @@ from aigc_dist.config.loader import merge, validate_config
 from aigc_dist.engine.images import ImageEngine, ImageRequest
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, TextResult
 from aigc_dist.metrics import ActorMetrics
-from aigc_dist.models.artifact import Artifact, load_artifact
+from aigc_dist.models.artifact import load_artifact
 from aigc_dist.serve.auth import BearerAuthMiddleware, load_api_keys
-from aigc_dist.serve.http import BodyLimitMiddleware, ProxyControlHeaderMiddleware, RequestMetricsMiddleware
+from aigc_dist.serve.http import (
+    OPENAI_ROUTES,
+    BodyLimitMiddleware,
+    ProxyControlHeaderMiddleware,
+    RequestMetricsMiddleware,
+    route_of,
+)
+from aigc_dist.serve.openai_api import OpenAIRoutes, router
+from aigc_dist.serve.openai_schemas import OpenAIError, validation_error
 from aigc_dist.serve.profiles import InvalidProfileError, ProfileTable, UnknownIdError, empty_table
 from aigc_dist.serve.schemas import (
     GenerateBody,
@@ -57,6 +68,8 @@ from aigc_dist.serve.schemas import (
     check_images_limits,
     describe_problems,
     effective_max_new_tokens,
+    model_info,
+    openai_model,
     violation,
 )
 from aigc_dist.storage import Storage
@@ -87,24 +100,36 @@ api.add_middleware(BodyLimitMiddleware)
 api.add_middleware(ProxyControlHeaderMiddleware)
 api.add_middleware(BearerAuthMiddleware)
 api.add_middleware(RequestMetricsMiddleware)
+api.include_router(router)  # before @serve.ingress below, which collects the routes of AigcServe's classes
 
 
 @api.exception_handler(RequestValidationError)
 async def _unprocessable_entity(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, with the offending inputs made printable and short: an input that is not valid
-    Unicode must not turn the error answer itself into a 500, and a 1 MB value is not echoed back."""
-    return JSONResponse(status_code=422, content={"detail": describe_problems(exc.errors())})
+    Unicode must not turn the error answer itself into a 500, and a 1 MB value is not echoed back.
+    On the OpenAI routes: OpenAI's 400 (`validation_error`), as OpenAI answers a bad parameter."""
+    problems = describe_problems(exc.errors())
+    if route_of(request.scope) in OPENAI_ROUTES:
+        return await _openai_error(request, validation_error(problems))
+    return JSONResponse(status_code=422, content={"detail": problems})
 
 
-def _model_info(artifact: Artifact) -> ModelInfo:
-    meta = artifact.metadata
-    return ModelInfo(kind=artifact.kind, name=str(meta.get("name", "?")), version=str(meta.get("version", "?")),
-                     digest=artifact.digest)
+@api.exception_handler(OpenAIError)
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own HTTP errors (a body it cannot decode, a wrong method) in OpenAI's shape on its routes."""
+    if route_of(request.scope) in OPENAI_ROUTES:
+        return await _openai_error(request, OpenAIError(exc.status_code, str(exc.detail), headers=exc.headers))
+    return await http_exception_handler(request, exc)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
-class AigcServe:
+class AigcServe(OpenAIRoutes):
     """One replica: loads the artifacts and profile tables once, then answers requests."""
 
     def __init__(self, serve_config: dict[str, Any], data_config: dict[str, Any], storage_config: dict[str, Any]):
@@ -157,7 +182,7 @@ class AigcServe:
         for engine in (self.text, self.image):
             if engine is not None:
                 engine.max_batch_size = self.limits.max_batch_size
-        for batched in (self._generate_batch, self._images_batch):
+        for batched in (self._generate_batch, self._images_batch, self._stream_batch):
             batched.set_max_batch_size(self.limits.max_batch_size)
             batched.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
         log.info("reconfigured: text=%s image=%s, max_batch_size=%d, batch_wait_timeout_s=%s", self.text_uri,
@@ -186,17 +211,21 @@ class AigcServe:
         """
         started = time.perf_counter()
         results = engine.generate(requests)
-        seconds = time.perf_counter() - started
-        info = _model_info(engine.artifact)
+        info = model_info(engine.artifact)
+        self._count_batch(kind, info, results, time.perf_counter() - started)
+        return [(result, info) for result in results]
+
+    def _count_batch(self, kind: str, info: ModelInfo, results: list[Any], seconds: float) -> None:
+        """A decoded batch's counters (`stats`, shown by GET /v1/models) and metrics; streamed ones too."""
         self.stats[f"{kind}_batches"] += 1
-        self.stats[f"{kind}_requests"] += len(requests)
-        self.metrics.observe("aigc_generate_batch_size_rows", len(requests), model=info.name)
+        self.stats[f"{kind}_requests"] += len(results)
+        self.metrics.observe("aigc_generate_batch_size_rows", len(results), model=info.name)
         self.metrics.observe("aigc_generate_batch_seconds", seconds, model=info.name)
         if kind == "text":
             self.metrics.inc("aigc_generated_tokens_total", sum(r.num_tokens for r in results), model=info.name)
+            self.stats.update(f"text_finish_{r.finish_reason}" for r in results if r.finish_reason)
         else:
             self.metrics.inc("aigc_generated_images_total", sum(r.error is None for r in results), model=info.name)
-        return [(result, info) for result in results]
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -255,29 +284,36 @@ class AigcServe:
                         height=result.height, label=request.label, seed=request.seed)
             for result, request in zip(results, requests, strict=True)])
 
+    async def _decode_all(self, kind: str, batched: Any, requests: list[Any]) -> tuple[list[Any], ModelInfo]:
+        """Each request through its `@serve.batch` method (concurrent calls share batches); the results in
+        order, errors included, and the model that made them."""
+        answered = await asyncio.gather(*(batched(request) for request in requests))
+        model = answered[0][1]
+        failed = sum(1 for result, _ in answered if result.error)
+        self.metrics.inc("aigc_generate_rows_total", len(answered) - failed, model=model.name, status="ok")
+        self.metrics.inc("aigc_generate_rows_total", failed, model=model.name, status="error")
+        return [result for result, _ in answered], model
+
     async def _answer(self, kind: str, batched: Any, requests: list[Any], names: list[str] | None = None
                       ) -> tuple[list[Any], ModelInfo]:
-        """Each request through its `@serve.batch` method; one the engine refuses makes the call a 422
-        naming it (and `names[i]`, when given), while the calls it shared a batch with get their answers.
-        Returns the results in order and the model that made them."""
-        answered = await asyncio.gather(*(batched(request) for request in requests))
+        """`_decode_all`, where one request the engine refuses makes the call a 422 naming it (and
+        `names[i]`, when given), while the calls it shared a batch with get their answers."""
+        results, model = await self._decode_all(kind, batched, requests)
         failed = [violation(["requests", i], f"{names[i]}: {result.error}" if names and names[i] else result.error,
-                            None) for i, (result, _) in enumerate(answered) if result.error]
-        model = answered[0][1]
-        self.metrics.inc("aigc_generate_rows_total", len(answered) - len(failed), model=model.name, status="ok")
-        self.metrics.inc("aigc_generate_rows_total", len(failed), model=model.name, status="error")
+                            None) for i, result in enumerate(results) if result.error]
         if failed:
             raise RequestValidationError(failed)
-        return [result for result, _ in answered], model
+        return results, model
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
         loaded = [engine.artifact for engine in (self.text, self.image) if engine is not None]
-        return ModelsResponse(models=[_model_info(a) for a in loaded], stats=dict(self.stats))
+        return ModelsResponse(models=[model_info(a) for a in loaded], stats=dict(self.stats),
+                              data=[openai_model(a) for a in loaded])
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        models = [_model_info(e.artifact).model_dump() for e in (self.text, self.image) if e is not None]
+        models = [model_info(e.artifact).model_dump() for e in (self.text, self.image) if e is not None]
         return JSONResponse(status_code=200 if models else 503,
                             content={"status": "ok" if models else "no model loaded", "models": models})
 

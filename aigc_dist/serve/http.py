@@ -26,11 +26,24 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # The routes metrics are labelled with; anything else is "other", so a scan of random paths cannot
 # create unbounded label values.
-KNOWN_ROUTES = frozenset({"/v1/generate", "/v1/images", "/v1/models", "/healthz", "/openapi.json", "/docs"})
+OPENAI_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})  # whose errors are in OpenAI's shape
+KNOWN_ROUTES = frozenset({"/v1/generate", "/v1/images", "/v1/models", "/healthz", "/openapi.json", "/docs",
+                          *OPENAI_ROUTES})
 
 
-async def _respond(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
+def route_of(scope: Scope) -> str:
+    """The request's path within the app (after Serve's route prefix)."""
+    return scope.get("path", "").removeprefix(scope.get("root_path", "")) or "/"
+
+
+async def _respond(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = (),
+                   scope: Scope | None = None) -> None:
+    """An error answer: {"detail": ...}, or OpenAI's {"error": {...}} on the OpenAI routes."""
+    if scope is not None and route_of(scope) in OPENAI_ROUTES:
+        body = json.dumps({"error": {"message": detail, "type": "invalid_request_error", "param": None,
+                                     "code": None}}).encode()
+    else:
+        body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -61,10 +74,10 @@ class BodyLimitMiddleware:
         if declared is not None:
             try:
                 if int(declared) > limit:
-                    await _respond(send, 413, too_large)
+                    await _respond(send, 413, too_large, scope=scope)
                     return
             except ValueError:
-                await _respond(send, 400, "Content-Length is not a number")
+                await _respond(send, 400, "Content-Length is not a number", scope=scope)
                 return
         timeout_s = getattr(scope["app"].state, "body_read_timeout_s", None)
         chunks: list[bytes] = []
@@ -78,14 +91,14 @@ class BodyLimitMiddleware:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > limit:
-                        await _respond(send, 413, too_large)
+                        await _respond(send, 413, too_large, scope=scope)
                         return
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             await _respond(send, 408, f"request body not received within {timeout_s:g} s "
-                           f"({size} bytes arrived)", [(b"connection", b"close")])
+                           f"({size} bytes arrived)", [(b"connection", b"close")], scope)
             return
         body = b"".join(chunks)
         replayed = False
@@ -117,7 +130,7 @@ class ProxyControlHeaderMiddleware:
             for name, _ in scope.get("headers") or []:
                 if name in PROXY_CONTROL_HEADERS:
                     await _respond(send, 400, f"the {name.decode()} header steers Ray Serve's proxy and is not "
-                                   "accepted from clients (this server sets its own timeouts)")
+                                   "accepted from clients (this server sets its own timeouts)", scope=scope)
                     return
         await self.app(scope, receive, send)
 
@@ -134,7 +147,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        path = route_of(scope)
         route = path if path in KNOWN_ROUTES else "other"
         status = 500  # what the caller gets if the app fails before it starts a response
 

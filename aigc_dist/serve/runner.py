@@ -41,7 +41,8 @@ def run_server(cfg: AigcConfig, stop: threading.Event | None = None) -> None:
                               "request_timeout_s": cfg.serve.request_timeout_s})
     serve.run(app, name=APP_NAME, route_prefix="/")
     print(f"aigc-dist serve: ready at http://{cfg.serve.host}:{cfg.serve.port} "
-          f"(POST /v1/generate, POST /v1/images, GET /v1/models, GET /healthz, /docs); Ctrl-C stops", flush=True)
+          f"(POST /v1/generate, POST /v1/images, GET /v1/models, GET /healthz, /docs; OpenAI-compatible POST "
+          f"/v1/completions and /v1/chat/completions); Ctrl-C stops", flush=True)
     stop = stop or threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

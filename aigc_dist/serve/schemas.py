@@ -9,11 +9,14 @@ a silently ignored default.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import calendar
+import time
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator
 
 from aigc_dist.config import ServeConfig
+from aigc_dist.models.artifact import Artifact
 
 # Hard ceilings; ServeConfig's limits sit below them (its fields have the same upper bounds).
 MAX_REQUESTS_CEILING = 10_000
@@ -73,26 +76,31 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerateItem(Body):
-    """One personalized request: a user and an item, each by id (profile lookup) or by features."""
+class Personalization(Body):
+    """A user and an item, each by id (profile lookup) or by features: what the prompt is rendered from."""
 
     user_id: Identifier | None = Field(None, description="Looked up in the users table; `user` features override.")
     user: Features | None = Field(None, description="User features, e.g. {\"segment\": \"runner\"}.")
     item_id: Identifier | None = Field(None, description="Looked up in the items table; `item` features override.")
     item: Features | None = Field(None, description="Item features, e.g. {\"title\": \"Trail shoe\"}.")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Same features + sampling + seed -> same copy.")
-    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CEILING, description="Default: the server's.")
-    temperature: float = Field(0.8, ge=0, le=5, allow_inf_nan=False, description="0 = greedy.")
-    top_k: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CEILING)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _who_and_what(self) -> GenerateItem:
+    def _who_and_what(self) -> Personalization:
         if self.user_id is None and self.user is None:
             raise ValueError("give user_id or user features")
         if self.item_id is None and self.item is None:
             raise ValueError("give item_id or item features")
         return self
+
+
+class GenerateItem(Personalization):
+    """One personalized request: a user and an item, each by id (profile lookup) or by features."""
+
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Same features + sampling + seed -> same copy.")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CEILING, description="Default: the server's.")
+    temperature: float = Field(0.8, ge=0, le=5, allow_inf_nan=False, description="0 = greedy.")
+    top_k: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CEILING)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
 
 
 class GenerateBody(Body):
@@ -145,9 +153,37 @@ class ImagesResponse(BaseModel):
     results: list[ImageResult]
 
 
+class OpenAIModel(BaseModel):
+    """A served model as OpenAI's `GET /v1/models` lists it; `id` is what the `model` field names."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When the artifact was written (Unix seconds; 0 when it does not say).")
+    owned_by: str = "aigc-dist"
+
+
+def model_info(artifact: Artifact) -> ModelInfo:
+    meta = artifact.metadata
+    return ModelInfo(kind=artifact.kind, name=str(meta.get("name", "?")), version=str(meta.get("version", "?")),
+                     digest=artifact.digest)
+
+
+def openai_model(artifact: Artifact) -> OpenAIModel:
+    try:
+        created = calendar.timegm(time.strptime(str(artifact.metadata.get("created_at")), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        created = 0
+    return OpenAIModel(id=model_info(artifact).name, created=created)
+
+
 class ModelsResponse(BaseModel):
+    """Today's list (`models`, `stats`) and OpenAI's (`object`, `data`) in one answer, so either kind of
+    client reads it unchanged."""
+
     models: list[ModelInfo]
     stats: dict[str, int] = Field(description="This replica's counters: batches decoded and requests in them.")
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = Field(default_factory=list)
 
 
 def violation(loc: list[str | int], message: str, value: Any, kind: str = "value_error") -> dict[str, Any]:
@@ -158,24 +194,24 @@ def violation(loc: list[str | int], message: str, value: Any, kind: str = "value
 ECHO_CHARS = 200  # how much of an offending input a 422 repeats
 
 
-def _printable(value: Any) -> Any:
+def printable(value: Any) -> Any:
     if isinstance(value, str):
         text = value.encode("utf-8", "backslashreplace").decode("utf-8")
         return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(value)} characters)"
     if value is None or isinstance(value, bool | int | float):
         return value if not isinstance(value, float) or value == value and abs(value) != float("inf") else str(value)
-    return _printable(repr(value))
+    return printable(repr(value))
 
 
 def describe_problems(errors: Any) -> list[dict[str, Any]]:
     """Validation errors as JSON-safe dicts: type, loc, msg and a printable, shortened input."""
     return [{"type": str(error.get("type", "value_error")),
-             "loc": [part if isinstance(part, int) else _printable(str(part)) for part in error.get("loc", ())],
-             "msg": _printable(str(error.get("msg", ""))),
-             "input": _printable(error.get("input"))} for error in errors]
+             "loc": [part if isinstance(part, int) else printable(str(part)) for part in error.get("loc", ())],
+             "msg": printable(str(error.get("msg", ""))),
+             "input": printable(error.get("input"))} for error in errors]
 
 
-def _check_features(features: dict[str, Any] | None, loc: list[str | int], limits: ServeConfig
+def check_features(features: dict[str, Any] | None, loc: list[str | int], limits: ServeConfig
                     ) -> list[dict[str, Any]]:
     if not features:
         return []
@@ -213,8 +249,8 @@ def check_generate_limits(body: GenerateBody, limits: ServeConfig) -> list[dict[
             if value is not None and len(value) > limits.max_value_chars:
                 found.append(violation([*loc, name], f"at most {limits.max_value_chars} characters "
                                        f"(got {len(value)})", len(value), "string_too_long"))
-        found += _check_features(request.user, [*loc, "user"], limits)
-        found += _check_features(request.item, [*loc, "item"], limits)
+        found += check_features(request.user, [*loc, "user"], limits)
+        found += check_features(request.item, [*loc, "item"], limits)
     tokens = call_tokens(body, limits)
     if tokens > limits.max_tokens_per_call:
         found.append(violation(["requests"], f"this call asks for up to {tokens} new tokens (max_new_tokens summed "

@@ -17,6 +17,7 @@ from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.artifact import save_artifact, save_text_artifact
 from aigc_dist.models.cgan import CGANConfig, Generator
 from aigc_dist.models.llama import LlamaLM, LMConfig
+from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage
 
 TEMPLATE = PromptTemplate(user_fields=("segment", "locale"), item_fields=("title", "category"),
@@ -26,12 +27,23 @@ CATEGORIES = ["shoes", "tents", "jackets"]
 SERVE_DEFAULTS: dict[str, Any] = {"cpus_per_replica": 0.5, "default_max_new_tokens": 12, "max_new_tokens_cap": 64}
 
 
-def save_lm(uri: str, version: str, seed: int = 0) -> str:
-    """An untrained 2-layer LM: its copy is noise, but noise that a seed makes exactly reproducible."""
+# A chat template (Qwen2's shape, plain-text turns) for the OpenAI routes' chat path; the model keeps its
+# "markers" prompt layout for features, so one artifact serves messages and the aigc extension.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_lm(uri: str, version: str, seed: int = 0, name: str = "copy-test", context: int = 160,
+            chat_template: str | None = None, width: int = 32, layers: int = 2) -> str:
+    """An untrained LM (2 layers, 32 wide): its copy is noise, but noise that a seed makes exactly reproducible."""
     torch.manual_seed(seed)
-    model = LlamaLM(LMConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=88, max_position_embeddings=160))
-    save_text_artifact(uri, model, Storage(), conditioning=prompt_conditioning(TEMPLATE),
-                       metadata={"name": "copy-test", "version": version})
+    model = LlamaLM(LMConfig(num_hidden_layers=layers, hidden_size=width, intermediate_size=width * 11 // 4,
+                             max_position_embeddings=context))
+    tokenizer = byte_level_tokenizer(context)
+    if chat_template:
+        tokenizer.config["chat_template"] = chat_template
+    save_text_artifact(uri, model, Storage(), tokenizer=tokenizer, conditioning=prompt_conditioning(TEMPLATE),
+                       metadata={"name": name, "version": version})
     return uri
 
 
@@ -54,6 +66,11 @@ class ServeKit:
         self.lm_v1 = save_lm(str(root / "lm-v1"), "v1", seed=0)
         self.lm_v2 = save_lm(str(root / "lm-v2"), "v2", seed=1)
         self.cgan = save_cgan(str(root / "cgan"))
+        self.lm_chat = save_lm(str(root / "lm-chat"), "v1", seed=2, name="copy-chat", chat_template=CHAT_TEMPLATE)
+        # Long and slow enough (4,096 positions, ~3 ms a token on one core) that its greedy stream of "x", which
+        # never reaches EOS, outlasts by far a client that reads one chunk and hangs up.
+        self.lm_long = save_lm(str(root / "lm-long"), "v1", seed=3, name="copy-long", context=4096, width=256,
+                               layers=4)
         self.users = str(root / "users.parquet")
         self.items = str(root / "items.parquet")
         pq.write_table(pa.table({"user_id": [f"u{i}" for i in range(20)],

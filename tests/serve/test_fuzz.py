@@ -2,7 +2,8 @@
 
 Over 1,000 generated requests (hypothesis): arbitrary JSON, valid requests with one field replaced by
 arbitrary JSON, hostile unicode and huge numbers in every field, raw bytes that are not JSON, wrong
-content types, unknown routes. The last test checks the count and that the server is still healthy.
+content types, unknown routes; and the same over the OpenAI routes (/v1/completions, /v1/chat/completions,
+streamed or not). The last test checks the count and that the server is still healthy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 SENT: Counter[str] = Counter()
 FIELDS = ["user_id", "user", "item_id", "item", "seed", "max_new_tokens", "temperature", "top_k", "top_p"]
+OPENAI_FIELDS = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "user", "stream",
+                 "stream_options", "aigc", "logprobs", "tools", "response_format", "best_of", "extra_field"]
+OPENAI_ROUTES = ["completions", "chat/completions"]
 FUZZ = settings(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 hostile_text = st.text(st.characters(codec=None, categories=None), max_size=40) | st.sampled_from([
@@ -32,7 +36,8 @@ json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4)
 
 @pytest.fixture(scope="module")
 def fuzz_url(serve_cluster, serve_kit):
-    url = serve_cluster.deploy("fuzz", serve_kit.config(max_body_bytes=64 * 1024))
+    # The chat-template checkpoint: its messages go through the chat template, its features through the prompt one.
+    url = serve_cluster.deploy("fuzz", serve_kit.config(artifact=serve_kit.lm_chat, max_body_bytes=64 * 1024))
     yield url
     serve_cluster.delete("fuzz")
 
@@ -47,6 +52,11 @@ def _send(session: requests.Session, url: str, data: bytes, content_type: str = 
     answer = session.post(url, data=data, headers={"content-type": content_type}, timeout=60)
     SENT[url.rsplit("/", 1)[-1]] += 1
     assert answer.status_code < 500, f"{answer.status_code} for {data[:300]!r}: {answer.text[:300]}"
+    if "/v1/completions" in url or "/v1/chat/completions" in url:
+        if answer.status_code >= 400:  # OpenAI's error shape on its routes, whatever went wrong
+            assert set(answer.json()["error"]) == {"message", "type", "param", "code"}, answer.text[:300]
+        elif answer.headers["content-type"].startswith("text/event-stream"):
+            assert answer.text.endswith("data: [DONE]\n\n"), answer.text[-300:]
     return answer.status_code
 
 
@@ -59,6 +69,49 @@ def _dumps(value: Any) -> bytes:
 def test_arbitrary_json_bodies(fuzz_url, session, body):
     _send(session, f"{fuzz_url}/v1/generate", _dumps(body))
     _send(session, f"{fuzz_url}/v1/images", _dumps(body))
+    for route in OPENAI_ROUTES:
+        _send(session, f"{fuzz_url}/v1/{route}", _dumps(body))
+
+
+def _openai_body(route: str, serve_kit: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "copy-chat", "max_tokens": 4, "seed": 1}
+    if route == "completions":
+        body["prompt"] = "New in:"
+    else:
+        body["messages"] = [{"role": "user", "content": "Copy for a tent"}]
+    return body
+
+
+@settings(FUZZ, max_examples=250)
+@given(route=st.sampled_from(OPENAI_ROUTES), field=st.sampled_from([*OPENAI_FIELDS, "prompt", "messages"]),
+       value=json_value, personalized=st.booleans(), stream=st.booleans())
+def test_valid_openai_requests_with_one_field_replaced(fuzz_url, session, serve_kit, route, field, value,
+                                                       personalized, stream):
+    body = _openai_body(route, serve_kit)
+    if personalized:  # the aigc extension instead of the prompt / messages
+        body.pop("prompt", None)
+        body.pop("messages", None)
+        body["aigc"] = {"user_id": "u1", "item_id": "i2"}
+    body["stream"] = stream
+    body[field] = value
+    _send(session, f"{fuzz_url}/v1/{route}", _dumps(body))
+
+
+@settings(FUZZ, max_examples=100)
+@given(route=st.sampled_from(OPENAI_ROUTES), part=st.sampled_from(["user", "item", "message", "content"]),
+       key=hostile_text, value=json_value)
+def test_openai_requests_with_hostile_features_and_messages(fuzz_url, session, serve_kit, route, part, key, value):
+    body = _openai_body(route, serve_kit)
+    if part in ("user", "item"):
+        body.pop("prompt", None)
+        body.pop("messages", None)
+        body["aigc"] = {"user_id": "u1", "item_id": "i2", part: {key: value}}
+    elif part == "message":
+        body.pop("prompt", None)
+        body["messages"] = [{"role": key, "content": value}]
+    else:
+        body["prompt" if route == "completions" else "messages"] = value
+    _send(session, f"{fuzz_url}/v1/{route}", _dumps(body))
 
 
 @settings(FUZZ, max_examples=300)
@@ -74,9 +127,10 @@ def test_valid_requests_with_one_field_replaced(fuzz_url, session, serve_kit, fi
 
 @settings(FUZZ, max_examples=200)
 @given(data=st.binary(max_size=300) | st.builds(lambda b: b"{\"requests\": [" + b, st.binary(max_size=60)),
-       content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
-def test_bytes_that_are_not_json(fuzz_url, session, data, content_type):
-    _send(session, f"{fuzz_url}/v1/generate", data, content_type)
+       content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]),
+       route=st.sampled_from(["generate", *OPENAI_ROUTES]))
+def test_bytes_that_are_not_json(fuzz_url, session, data, content_type, route):
+    _send(session, f"{fuzz_url}/v1/{route}", data, content_type)
 
 
 @settings(FUZZ, max_examples=150)
@@ -87,7 +141,8 @@ def test_image_requests(fuzz_url, session, label, features, seed, count):
 
 
 @settings(FUZZ, max_examples=60)
-@given(size=st.sampled_from([65 * 1024, 200 * 1024, 1024 * 1024]), path=st.sampled_from(["generate", "images"]))
+@given(size=st.sampled_from([65 * 1024, 200 * 1024, 1024 * 1024]),
+       path=st.sampled_from(["generate", "images", *OPENAI_ROUTES]))
 def test_bodies_over_the_limit(fuzz_url, session, size, path):
     assert _send(session, f"{fuzz_url}/v1/{path}", b"[" + b"0," * (size // 2) + b"0]") == 413
 
@@ -105,3 +160,6 @@ def test_over_a_thousand_hostile_requests_were_answered_and_the_server_is_health
     assert requests.get(f"{fuzz_url}/healthz", timeout=30).status_code == 200
     ok = serve_kit.post(f"{fuzz_url}/v1/generate", {"requests": [serve_kit.request()]})
     assert ok.status_code == 200 and ok.json()["results"][0]["num_tokens"] > 0
+    chat = serve_kit.post(f"{fuzz_url}/v1/chat/completions", {"model": "copy-chat", "max_tokens": 4,
+                                                              "messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0
