@@ -9,14 +9,19 @@ process's direct engine calls):
   latency minus the direct call's right after it, p50 and p99 (goal: p50 <= 5 ms on this machine).
   Also interleaved: the same POST to a bare Serve app (FastAPI ingress, no middleware, a constant
   answer): what Ray Serve itself costs a POST, with none of our code.
+  The OpenAI routes in the same interleaving: POST /v1/completions and /v1/chat/completions with the
+  aigc extension (the same prompt, seed and sampling, so the same copy), each against the same
+  direct call. Time to first token when streaming: from the POST to the first chunk with text of a
+  streamed chat completion, against the direct `TextEngine.stream` call's first delta with text.
 - batching gain: requests/s of a saturating closed-loop load (many concurrent clients, each sending
   its next request when the previous one is answered) against the app with `max_batch_size` N and
   against the same app with `max_batch_size` 1, in the order batched, unbatched, unbatched, batched
-  (goal >= 3x).
+  (goal >= 3x); for /v1/generate and for /v1/chat/completions (non-streamed and streamed).
 
-    .venv/bin/python benchmarks/serve_latency.py [--requests 200] [--clients 32] [--seconds 20]
+    .venv/bin/python benchmarks/serve_latency.py [--requests 200] [--clients 32] [--seconds 15]
 
-Prints a table and writes benchmarks/results/serve_latency.json.
+Prints a table and writes benchmarks/results/serve_latency.json (`--output` elsewhere: a short check
+run must not replace the recorded result).
 """
 
 from __future__ import annotations
@@ -79,49 +84,118 @@ class BareApp:
         return {"ok": True}
 
 
+ROUTES = ("generate", "completions", "chat")  # measured against the same direct call
+
+
+def _call(route: str, seed: int, max_new_tokens: int, temperature: float, stream: bool = False
+          ) -> tuple[str, dict[str, Any]]:
+    """(path, body) of one request for the benchmark's (user, item) on `route`: the same prompt everywhere."""
+    if route == "generate":
+        return "/v1/generate", {"requests": [{"user": USER, "item": ITEM, "seed": seed,
+                                              "max_new_tokens": max_new_tokens, "temperature": temperature}]}
+    body: dict[str, Any] = {"model": "bench", "seed": seed, "max_tokens": max_new_tokens, "temperature": temperature,
+                            "aigc": {"user": USER, "item": ITEM}, "stream": stream}
+    if route == "chat":
+        return "/v1/chat/completions", {**body, "messages": []}
+    return "/v1/completions", body
+
+
+def _text(route: str, answer: requests.Response) -> str:
+    body = answer.json()
+    if route == "generate":
+        return body["results"][0]["content"]
+    choice = body["choices"][0]
+    return choice["message"]["content"] if route == "chat" else choice["text"]
+
+
+FIRST_TOKEN_SEED, FIRST_TOKEN_TEMPERATURE = 7, 0.8  # sampled: the untrained model's greedy copy here is empty
+
+
+def _first_token_ms(session: requests.Session, url: str, max_new_tokens: int) -> float:
+    """From the POST of a streamed chat completion to its first chunk with text (or its end, if it has none)."""
+    path, body = _call("chat", FIRST_TOKEN_SEED, max_new_tokens, FIRST_TOKEN_TEMPERATURE, stream=True)
+    started = time.perf_counter()
+    first = None
+    with session.post(f"{url}{path}", json=body, stream=True, timeout=60) as answer:
+        answer.raise_for_status()
+        for line in answer.iter_lines():
+            choices = json.loads(line[6:])["choices"] if first is None and line.startswith(b"data: {") else []
+            if choices and (choices[0]["delta"].get("content") or choices[0]["finish_reason"]):
+                first = (time.perf_counter() - started) * 1000
+    assert first is not None, "the stream ended without a last chunk"
+    return first
+
+
+def _direct_first_token_ms(engine: TextEngine, max_new_tokens: int) -> float:
+    """The same in this process: `TextEngine.stream` up to its first delta (one with text, or the last)."""
+    request = TextRequest(USER, ITEM, FIRST_TOKEN_SEED, SamplingParams(max_new_tokens=max_new_tokens,
+                                                                       temperature=FIRST_TOKEN_TEMPERATURE))
+    started = time.perf_counter()
+    next(iter(engine.stream([request])))
+    return (time.perf_counter() - started) * 1000
+
+
+def _percentiles(name: str, values: list[float]) -> dict[str, float]:
+    return {f"{name}_p50_ms": statistics.median(values), f"{name}_p99_ms": _percentile(values, 0.99)}
+
+
 def overhead(url: str, floor_url: str, engine: TextEngine, count: int, max_new_tokens: int) -> dict[str, Any]:
-    body = {"requests": [{"user": USER, "item": ITEM, "seed": 7, "max_new_tokens": max_new_tokens,
-                          "temperature": 0}]}
     request = TextRequest(USER, ITEM, 7, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
-    http_ms, direct_ms, floor_ms = [], [], []
+    http_ms: dict[str, list[float]] = {route: [] for route in ROUTES}
+    direct_ms, floor_ms, ttft_ms, direct_ttft_ms = [], [], [], []
+    texts: dict[str, str] = {}
     with requests.Session() as session:
-        for _ in range(10):  # warm both paths (connections, allocator, caches)
-            session.post(f"{url}/v1/generate", json=body, timeout=60).raise_for_status()
+        for _ in range(10):  # warm every path (connections, allocator, caches)
+            for route in ROUTES:
+                path, body = _call(route, 7, max_new_tokens, 0)
+                session.post(f"{url}{path}", json=body, timeout=60).raise_for_status()
             engine.generate([request])
         for _ in range(count):
-            started = time.perf_counter()
-            answer = session.post(f"{url}/v1/generate", json=body, timeout=60)
-            http_ms.append((time.perf_counter() - started) * 1000)
-            answer.raise_for_status()
+            for route in ROUTES:
+                path, body = _call(route, 7, max_new_tokens, 0)
+                started = time.perf_counter()
+                answer = session.post(f"{url}{path}", json=body, timeout=60)
+                http_ms[route].append((time.perf_counter() - started) * 1000)
+                answer.raise_for_status()
+                texts[route] = _text(route, answer)
             started = time.perf_counter()
             direct = engine.generate([request])[0]
             direct_ms.append((time.perf_counter() - started) * 1000)
             # Ray Serve's own floor for a POST: the same body to the bare app (no code of ours at all).
             started = time.perf_counter()
-            session.post(f"{floor_url}/echo", json=body, timeout=60).raise_for_status()
+            session.post(f"{floor_url}/echo", json=_call("generate", 7, max_new_tokens, 0)[1],
+                         timeout=60).raise_for_status()
             floor_ms.append((time.perf_counter() - started) * 1000)
-    assert answer.json()["results"][0]["content"] == direct.text, "Serve and the engine disagree"
-    # Each HTTP request is paired with the direct call right after it (same load): the overhead's
+            ttft_ms.append(_first_token_ms(session, url, max_new_tokens))
+            direct_ttft_ms.append(_direct_first_token_ms(engine, max_new_tokens))
+    assert set(texts.values()) == {direct.text}, f"Serve's routes and the engine disagree: {texts} {direct.text!r}"
+    result: dict[str, Any] = {"requests": count, "tokens_per_request": direct.num_tokens,
+                              **_percentiles("direct", direct_ms), **_percentiles("serve_floor", floor_ms)}
+    # Each HTTP request is paired with the direct call of its round (same load): the overhead's
     # percentiles are those of the per-request differences, not differences of two percentiles.
-    added = [h - d for h, d in zip(http_ms, direct_ms, strict=True)]
-    return {"requests": count, "tokens_per_request": direct.num_tokens,
-            "http_p50_ms": statistics.median(http_ms), "http_p99_ms": _percentile(http_ms, 0.99),
-            "direct_p50_ms": statistics.median(direct_ms), "direct_p99_ms": _percentile(direct_ms, 0.99),
-            "serve_floor_p50_ms": statistics.median(floor_ms), "serve_floor_p99_ms": _percentile(floor_ms, 0.99),
-            "overhead_p50_ms": statistics.median(added), "overhead_p99_ms": _percentile(added, 0.99)}
+    for route in ROUTES:
+        prefix = "" if route == "generate" else f"{route}_"
+        result.update(_percentiles(f"{prefix}http", http_ms[route]))
+        result.update(_percentiles(f"{prefix}overhead", [h - d for h, d in zip(http_ms[route], direct_ms,
+                                                                                   strict=True)]))
+    result.update(_percentiles("stream_first_token", ttft_ms), **_percentiles("direct_first_token", direct_ttft_ms),
+                  **_percentiles("first_token_overhead", [h - d for h, d in zip(ttft_ms, direct_ttft_ms,
+                                                                                strict=True)]))
+    return result
 
 
-def saturate(url: str, clients: int, seconds: float, max_new_tokens: int) -> dict[str, Any]:
+def saturate(url: str, clients: int, seconds: float, max_new_tokens: int, route: str = "generate",
+             stream: bool = False) -> dict[str, Any]:
     """Closed loop: `clients` threads, each with its own connection, for `seconds`."""
     done, failed = [0] * clients, [0] * clients
     stop = threading.Event()
 
     def client(index: int) -> None:
-        body = {"requests": [{"user": USER, "item": ITEM, "seed": index, "max_new_tokens": max_new_tokens,
-                              "temperature": 0.8}]}
+        path, body = _call(route, index, max_new_tokens, 0.8, stream)
         with requests.Session() as session:
             while not stop.is_set():
-                if session.post(f"{url}/v1/generate", json=body, timeout=120).status_code == 200:
+                answer = session.post(f"{url}{path}", json=body, timeout=120)
+                if answer.status_code == 200 and (not stream or answer.text.endswith("data: [DONE]\n\n")):
                     done[index] += 1
                 else:
                     failed[index] += 1
@@ -150,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per saturation run")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes (short runs: elsewhere)")
     args = parser.parse_args(argv)
 
     import ray
@@ -182,21 +257,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     serve.run(BareApp.options(ray_actor_options={"num_cpus": 1}).bind(), name="bare", route_prefix="/bare")
     latency = overhead(batched_url, f"http://127.0.0.1:{port}/bare", engine, args.requests, args.max_new_tokens)
     print(f"  overhead p50 {latency['overhead_p50_ms']:.2f} ms, p99 {latency['overhead_p99_ms']:.2f} ms", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"batched": [], "single": []}
-    for side in ("batched", "single", "single", "batched"):
-        url = batched_url if side == "batched" else single_url
-        runs[side].append(saturate(url, args.clients, args.seconds, args.max_new_tokens))
-        print(f"  {side:<8} {runs[side][-1]['requests_per_s']:7.1f} req/s", flush=True)
+    loads = {"generate": ("generate", False), "chat": ("chat", False), "chat_stream": ("chat", True)}
+    by_load: dict[str, dict[str, Any]] = {}
+    for load, (route, stream) in loads.items():
+        runs: dict[str, list[dict[str, Any]]] = {"batched": [], "single": []}
+        for side in ("batched", "single", "single", "batched"):
+            url = batched_url if side == "batched" else single_url
+            runs[side].append(saturate(url, args.clients, args.seconds, args.max_new_tokens, route, stream))
+            print(f"  {load:<12} {side:<8} {runs[side][-1]['requests_per_s']:7.1f} req/s", flush=True)
+        rate = {side: statistics.mean(r["requests_per_s"] for r in runs[side]) for side in runs}
+        by_load[load] = {"saturation_runs": runs, "requests_per_s": rate,
+                         "batching_gain": rate["batched"] / rate["single"]}
     serve.shutdown()
     ray.shutdown()
 
-    rate = {side: statistics.mean(r["requests_per_s"] for r in runs[side]) for side in runs}
-    gain = rate["batched"] / rate["single"]
+    runs, rate, gain = (by_load["generate"][key] for key in ("saturation_runs", "requests_per_s", "batching_gain"))
     result = {
         "model": "lm mini preset (Llama, 2 layers, hidden 128, 436k params, untrained)", "replica_cpus": 1,
         "max_new_tokens": args.max_new_tokens, "overhead": latency, "clients": args.clients,
         "max_batch_size": args.max_batch_size, "saturation_runs": runs, "requests_per_s": rate,
-        "batching_gain": gain, "goals": {"overhead_p50_ms": OVERHEAD_GOAL_MS, "batching_gain": BATCHING_GOAL},
+        "batching_gain": gain, "openai_saturation": {k: v for k, v in by_load.items() if k != "generate"},
+        "goals": {"overhead_p50_ms": OVERHEAD_GOAL_MS, "batching_gain": BATCHING_GOAL},
         "meets_goals": {"overhead_p50": latency["overhead_p50_ms"] <= OVERHEAD_GOAL_MS,
                         "batching_gain": gain >= BATCHING_GOAL},
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
@@ -215,9 +296,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"| batching: {rate['batched']:.1f} req/s (max_batch_size {args.max_batch_size}, mean batch "
           f"{runs['batched'][-1]['mean_batch']:.1f}) / {rate['single']:.1f} req/s (max_batch_size 1) "
           f"| {gain:.2f}x | >= {BATCHING_GOAL:.0f}x |")
+    for route in ("completions", "chat"):
+        print(f"| /v1/{'chat/' if route == 'chat' else ''}completions overhead p50 / p99 (per request, aigc extension; "
+              f"HTTP p50 {latency[f'{route}_http_p50_ms']:.1f} ms) | {latency[f'{route}_overhead_p50_ms']:.2f} / "
+              f"{latency[f'{route}_overhead_p99_ms']:.2f} ms | - |")
+    print(f"| time to first token, streamed chat p50 / p99 (direct stream {latency['direct_first_token_p50_ms']:.1f} "
+          f"ms; per-request difference p50 {latency['first_token_overhead_p50_ms']:.2f} ms) | "
+          f"{latency['stream_first_token_p50_ms']:.2f} / {latency['stream_first_token_p99_ms']:.2f} ms | - |")
+    for load in ("chat", "chat_stream"):
+        figures = by_load[load]
+        print(f"| {load}: {figures['requests_per_s']['batched']:.1f} req/s batched / "
+              f"{figures['requests_per_s']['single']:.1f} unbatched (mean batch "
+              f"{figures['saturation_runs']['batched'][-1]['mean_batch']:.1f}) | {figures['batching_gain']:.2f}x | - |")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
