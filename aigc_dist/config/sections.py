@@ -329,9 +329,10 @@ class ServeConfig(Section):
     gpus_per_replica: float = Field(0.0, ge=0, le=8, description="GPUs per replica.")
     retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After of the 503 sent when over capacity.")
     max_tokens_per_call: int = Field(
-        8192, ge=1, le=10_000 * 8192, description="Token budget of one POST /v1/generate: the sum of its requests' "
-        "max_new_tokens (a request without one counts default_max_new_tokens); over it is a 422 before any work "
-        "is queued, so one call cannot hold a replica's decode slots for long."
+        8192, ge=1, le=10_000 * 8192, description="Token budget of one call: the sum of max_new_tokens over its "
+        "requests (/v1/generate; a request without one counts default_max_new_tokens) or over its choices "
+        "(OpenAI routes: n x prompts x max_tokens); over it is a 422 (400 on OpenAI routes) before any work is "
+        "queued, so one call cannot hold a replica's decode slots for long."
     )
     body_read_timeout_s: float = Field(
         10.0, gt=0, le=3600, description="The whole request body must arrive within this many seconds of the "
