@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -80,7 +81,10 @@ def test_this_environment_holds_exactly_the_locked_versions():
     """`make install` installed from dev.lock: the tests run on the locked set and nothing else."""
     _, packages = read_lock("dev.lock")
     tool = lock_tool()
-    installed = {tool.canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # The venv's own site-packages only: a library may put the base interpreter's on sys.path during the
+    # session (it happens here), and what lies there is not what `make install` put in the venv.
+    venv = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {tool.canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=venv)}
     wrong = {name: (version, installed.get(name)) for name, (version, _) in packages.items()
              if installed.get(name) != version}  # fmt: skip
     assert not wrong, f"installed versions differ from requirements/dev.lock (locked, installed): {wrong}"
