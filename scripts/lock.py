@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 LOCKS = REPO / "requirements"
 TOOLS = ("pip", "setuptools", "wheel")
 NOT_LOCKED = {"aigc-dist", "torch"}  # the package itself (installed editable) and torch (see above)
+# vLLM's CPU build asks for torchvision, torchaudio and torchcodec, and PyPI has only CUDA builds of them
+# for Linux: beside the CPU torch they fail to import, and `import transformers` (hence vllm) fails with
+# them. Nothing aigc-dist runs needs them (they serve vLLM's image, audio and video inputs), so they are
+# left out; `make install`'s pip check allows exactly these three to be missing (Makefile: ABSENT_OK).
+LEFT_OUT = {"torchvision", "torchaudio", "torchcodec"}
 
 
 def canonical(name: str) -> str:
@@ -60,7 +65,7 @@ def resolve(*requirements: str, pins: dict[str, tuple[str, str]] | None = None) 
     resolved = {}
     for item in picked:
         name = canonical(item["metadata"]["name"])
-        if name in NOT_LOCKED:
+        if name in NOT_LOCKED | LEFT_OUT:
             continue
         hashes = (item["download_info"].get("archive_info") or {}).get("hashes", {})
         if "sha256" not in hashes:

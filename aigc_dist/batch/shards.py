@@ -306,18 +306,23 @@ class ShardGenerator:
         self.context, self.storage, self.layout = context, Storage(context.storage), RunLayout(context.root)
         # Who generated what, as the manifest reports it: the host and the process of this actor.
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
-        artifact = load_artifact(backfill.artifact, self.storage, device=device)
         self.mode = context.backfill.mode
         if self.mode == "text":
-            from aigc_dist.engine.text import SamplingParams, TextEngine
+            from aigc_dist.engine.text import SamplingParams
+            from aigc_dist.engine.vllm_engine import text_engine
 
-            self.engine: Any = TextEngine(artifact, max_batch_size=backfill.batch_size)
+            engine = backfill.engine
+            self.engine: Any = text_engine(backfill.artifact, self.storage, engine.backend, device=device,
+                                           max_batch_size=backfill.batch_size, kv_cache_gib=engine.vllm_kv_cache_gib,
+                                           gpu_memory_utilization=engine.vllm_gpu_memory_utilization,
+                                           vllm_min_parameters=engine.vllm_min_parameters)
             self.sampling = SamplingParams(backfill.max_new_tokens, backfill.temperature, backfill.top_k,
                                            backfill.top_p)
         else:
             from aigc_dist.engine.images import ImageEngine
 
-            self.engine = ImageEngine(artifact, max_batch_size=backfill.batch_size)
+            self.engine = ImageEngine(load_artifact(backfill.artifact, self.storage, device=device),
+                                      max_batch_size=backfill.batch_size)
         self.metrics = ActorMetrics("backfill", {"run": backfill.run_id, "model": context.model["name"]})
 
     def __call__(self, batch: pa.Table) -> pa.Table:

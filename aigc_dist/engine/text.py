@@ -183,16 +183,20 @@ class TextEngine:
             # The process's share of cores: actors and replicas set it so co-located ones don't fight.
             torch.set_num_threads(num_threads)
         self.artifact = artifact
-        self.model = prepare_for_decode(artifact.model)
         self.tokenizer = artifact.tokenizer
         self.template = prompt_template_of(artifact)
         self.max_batch_size = max_batch_size
         self.scheduling = scheduling
-        self.context = self.model.config.max_position_embeddings
+        self.context = artifact.model_config.max_position_embeddings
         check_template_fits(self.template, self.tokenizer)
         eos = self.tokenizer.eos_id
         # Generation stops at any of the checkpoint's EOS ids (Qwen2 has two) and the tokenizer's.
-        self.eos_ids = sorted(set(self.model.config.eos_token_id) | ({eos} if eos is not None else set()))
+        self.eos_ids = sorted(set(artifact.model_config.eos_token_id) | ({eos} if eos is not None else set()))
+        self.model = self._decoder(artifact)
+
+    def _decoder(self, artifact: Artifact) -> Any:
+        """What decodes: the artifact's module laid out for decoding (vllm_engine.py: vLLM's engine)."""
+        return prepare_for_decode(artifact.model)
 
     @classmethod
     def from_uri(cls, uri: str, store: ArtifactStore, **kwargs: Any) -> TextEngine:
@@ -269,14 +273,18 @@ class TextEngine:
 
     def _run(self, requests: Sequence[TextRequest], cancelled: Callable[[int], bool] | None,
              stepwise: bool) -> Iterator[TextDelta]:  # fmt: skip
-        """Deltas of all requests. stepwise=False: one delta per request, when it ends (decode_stream,
-        no per-step host sync); True: per decode step (decode_steps), needed for stop strings."""
+        """Deltas of all requests: those that cannot be served first, then the decoded ones."""
         results, decode, where = self._prepare(requests)
         for index, result in enumerate(results):
             if result.error is not None:
                 yield TextDelta(index, "", result)
-        if not decode:
-            return
+        if decode:
+            yield from self._decoded(requests, results, decode, where, cancelled, stepwise)
+
+    def _decoded(self, requests: Sequence[TextRequest], results: list[TextResult], decode: list[DecodeRequest],
+                 where: list[int], cancelled: Callable[[int], bool] | None, stepwise: bool) -> Iterator[TextDelta]:
+        """The decoded requests' deltas. stepwise=False: one delta per request, when it ends (decode_stream,
+        no per-step host sync); True: per decode step (decode_steps), needed for stop strings."""
         schedule = dict(slots=min(self.max_batch_size, len(decode)), eos_ids=self.eos_ids,
                         refill=self.scheduling == "continuous",
                         max_len=max(len(r.prompt) + r.max_new_tokens for r in decode))  # fmt: skip
