@@ -145,7 +145,11 @@ def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any])
     """What a run is: resuming it with anything that changes its output would mix two outputs."""
     decisive = backfill.model_dump(mode="json", exclude={
         "run_id", "output", "artifact", "min_actors", "max_actors", "cpus_per_actor", "gpus_per_actor",
-        "progress_interval_s", "lock_stale_after_s", "startup_overlap"})
+        "progress_interval_s", "lock_stale_after_s", "startup_overlap", "engine"})
+    # The engine decides sampled copy (each engine has its own random streams), its memory settings do not;
+    # a native run's identity is what it was before there was a choice, so such runs resume across versions.
+    if backfill.engine.backend != "native":
+        decisive["engine"] = backfill.engine.model_dump(mode="json", include={"backend", "vllm_min_parameters"})
     decisive["data"] = data.model_dump(mode="json", include={
         "max_id_chars", "max_value_chars", "max_record_bytes", "max_nesting_depth", "max_fields", "format",
         "requests_format"})
@@ -184,7 +188,7 @@ def _record_run(layout: RunLayout, storage: Storage, backfill: BackfillConfig, m
     if run_info["output_digest"] != identity["output_digest"]:
         raise BackfillError(
             f"run {backfill.run_id} at {layout.root} was started with another model or other output settings "
-            "(sampling, seed, filters, rows_per_file, batch_size, validation limits); resume it with the "
+            "(sampling, seed, engine, filters, rows_per_file, batch_size, validation limits); resume it with the "
             "same config, or use a new backfill.run_id")
     return run_info
 
