@@ -231,8 +231,9 @@ class EngineConfig(Section):
         description="native: aigc-dist's engine. vllm: vLLM's offline engine (continuous batching, paged KV "
         "cache); stop strings are applied on its text as the native engine does, but it decodes to "
         "max_new_tokens or EOS first. auto: vllm on a GPU for a model of vllm_min_parameters or more when vLLM "
-        "is installed, else native (on CPU the native engine was faster at every size measured: "
-        "benchmarks/engine_backends.py).",
+        "is installed, else native. On this 2-core CPU (benchmarks/engine_backends.py) native was 1.5-2.7x "
+        "faster at 0.4M parameters, vLLM at most 1.1x faster at 10M-100M in batches of 32: too small a gain "
+        "to give up the native engine's incremental streams and early stop on CPU.",
     )
     vllm_kv_cache_gib: int = Field(
         1, ge=1, le=1024, description="vLLM on CPU: KV cache size in GiB per engine (VLLM_CPU_KVCACHE_SPACE)."
