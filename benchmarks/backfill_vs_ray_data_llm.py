@@ -128,7 +128,7 @@ def run_aigc(backend: str, work: Path, artifact: str, data: DataConfig, args: ar
 
 
 def _row(row: dict[str, Any]) -> dict[str, Any]:
-    return {"request_id": row["request_id"], "user_id": row["user_id"], "item_id": row["item_id"],
+    return {"request_id": row["aigc_request_id"], "user_id": row["user_id"], "item_id": row["item_id"],
             "content": row["generated_text"], "num_tokens": row["num_generated_tokens"],
             "prompt_tokens": row["num_input_tokens"]}
 
@@ -153,7 +153,10 @@ def run_rdllm(work: Path, artifact: str, args: argparse.Namespace, prompts: list
     )
     sampling = {"temperature": 0.0, "max_tokens": args.new_tokens, "stop_token_ids": stop_ids, "detokenize": True}
     out_dir = work / "rdllm-out"
-    table = pa.Table.from_pylist(prompts)
+    # Ray Data LLM's engine stage writes its own `request_id` column (vLLM's per-batch counter) over the input's,
+    # so the pair's id travels under another name and comes back in postprocess.
+    table = pa.Table.from_pylist([{"aigc_request_id": p["request_id"], **{k: v for k, v in p.items()
+                                                                         if k != "request_id"}} for p in prompts])
     started = time.perf_counter()
     processor = build_processor(config, preprocess=lambda row: {**row, "sampling_params": sampling},
                                 postprocess=_row)
