@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,17 @@ class ServeKit:
     @staticmethod
     def post(url: str, body: Any, timeout: float = 60) -> requests.Response:
         return requests.post(url, json=body, timeout=timeout)
+
+    def check_sheds_load(self, url: str, body: Any, retry_after: str = "2") -> None:
+        """24 concurrent calls to an app admitting 1 + 1 queued: some are served, the rest get 503 with
+        Retry-After (never another code), and the next call after the burst is served."""
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(lambda _: self.post(f"{url}/v1/generate", body, timeout=120), range(24)))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+        assert all(a.headers.get("retry-after") == retry_after for a in answers if a.status_code == 503)
+        assert self.post(f"{url}/v1/generate", body).status_code == 200
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ Serve kit's 32-wide LMs lack); the reconfigure target is the same architecture, 
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -93,14 +92,8 @@ def test_a_vllm_replica_over_capacity_gets_503_with_retry_after_and_recovers(ser
         artifact=trained_copy_model.artifact, engine=VLLM, max_ongoing_requests=1, max_queued_requests=1,
         max_batch_size=1, retry_after_s=2))
     try:
-        body = {"requests": _held_out_bodies(trained_copy_model, 4, max_new_tokens=64, temperature=0.0)}
-        with ThreadPoolExecutor(24) as pool:
-            answers = list(pool.map(lambda _: serve_kit.post(f"{url}/v1/generate", body, timeout=120), range(24)))
-        codes = [a.status_code for a in answers]
-        assert set(codes) <= {200, 503}, codes
-        assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
-        assert all(a.headers.get("retry-after") == "2" for a in answers if a.status_code == 503)
-        assert serve_kit.post(f"{url}/v1/generate", body).status_code == 200
+        serve_kit.check_sheds_load(url, {"requests": _held_out_bodies(trained_copy_model, 4, max_new_tokens=64,
+                                                                      temperature=0.0)})
     finally:
         serve_cluster.delete("vllm-overload")
 
@@ -138,7 +131,6 @@ def test_reconfigure_swaps_vllm_checkpoints_under_load_without_a_failed_request(
     worker.start()
     try:
         wait_for("v1", 5)  # the load runs against v1 before the swap
-        started = time.monotonic()
         serve_cluster.deploy("vllm-reconfigure", serve_kit.config(artifact=untrained_v2, engine=VLLM))
         wait_for("v2", 5)  # and goes on against v2 after it
     finally:
@@ -146,7 +138,7 @@ def test_reconfigure_swaps_vllm_checkpoints_under_load_without_a_failed_request(
         worker.join()
     try:
         assert failures == [], failures
-        assert versions[0] == "v1" and versions[-1] == "v2", (versions, time.monotonic() - started)
+        assert versions[0] == "v1" and versions[-1] == "v2", versions
         assert versions == sorted(versions), "a replica went back to the old checkpoint"
         served = {m["version"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["models"]
                   if m["kind"] == "lm"}
