@@ -160,6 +160,14 @@ class SlotCache:
         self.rope = rope_table(self.config, max_len, self.lens.device)
         self._reindex()
 
+    def add(self, extra: int) -> None:
+        """`extra` more empty slots at the end, for a live decode whose batch grows."""
+        for cache in (self.k, self.v):
+            for layer, old in enumerate(cache):
+                cache[layer] = torch.cat([old, old.new_zeros((extra, *old.shape[1:]))])
+        self.lens = torch.cat([self.lens, self.lens.new_zeros(extra)])
+        self._reindex()
+
     def keep(self, slots: Tensor) -> None:
         """Keep only the given slots, in that order (compacts the batch when it has emptied)."""
         for cache in (self.k, self.v):
@@ -218,6 +226,7 @@ class _Slots:
     TENSORS = ("steps", "limit", "active", "temperature", "top_k", "top_p", "uniforms", "out", "logits")
 
     def __init__(self, n: int, vocab: int, device: torch.device):
+        self.vocab = vocab
         self.request: list[int | None] = [None] * n  # index of the request a slot serves
         self.offset: list[int] = [0] * n  # cache length at step t is offset + t (host copy, no sync)
         self.params: list[DecodeRequest | None] = [None] * n  # the request a slot serves (host copy)
@@ -241,6 +250,18 @@ class _Slots:
         if self.out.size(1) < max_new + 1:
             self.uniforms = F.pad(self.uniforms, (0, max_new + 1 - self.out.size(1)))
             self.out = F.pad(self.out, (0, max_new + 1 - self.out.size(1)))
+
+    def add(self, extra: int) -> None:
+        """`extra` more empty slots at the end (a live decode's batch grows as requests arrive)."""
+        empty = {"steps": 0, "limit": 1, "active": False, "temperature": 0.0, "top_k": self.vocab, "top_p": 1.0,
+                 "uniforms": 0.0, "out": 0, "logits": 0.0}
+        for name in self.TENSORS:
+            old = getattr(self, name)
+            setattr(self, name, torch.cat([old, torch.full((extra, *old.shape[1:]), empty[name], dtype=old.dtype,
+                                                           device=old.device)]))
+        self.request += [None] * extra
+        self.offset += [0] * extra
+        self.params += [None] * extra
 
     def keep(self, slots: list[int]) -> None:
         """Keep only the given slots, in that order."""
@@ -302,19 +323,54 @@ def decode_steps(
     return _decode(model, requests, slots, eos_ids, refill, max_len, end, steps=True)
 
 
+def decode_live(
+    model: LlamaLM,
+    requests: Iterable[DecodeRequest | None],
+    max_slots: int,
+    eos_ids: Sequence[int] = (),
+    max_len: int | None = None,
+    end: set[int] | None = None,
+) -> Iterator[list[StepTokens]]:
+    """`decode_steps` over requests that arrive while it runs (a Serve replica's streams).
+
+    The iterable yields a request, or None for "none waiting now": it is pulled at every step while a
+    slot could take one, so a request joins the running batch at the next step, whatever the others'
+    progress. When no request is decoding it is pulled once and may block until one comes; its end
+    ends the decode once the live requests have. Indices count the requests, not the Nones. The batch
+    holds as many slots as live requests need, rounded up to a power of two and at most `max_slots`:
+    one stream alone decodes a batch of one, not of `max_slots`.
+    """
+    return _decode(model, requests, max_slots, eos_ids, True, max_len, end, steps=True, live=True)
+
+
+_END = object()  # the request stream has ended
+
+
+def _numbered(requests: Iterable[DecodeRequest | None]) -> Iterator[tuple[int, DecodeRequest] | None]:
+    """(index, request) per request, None passed through ("none waiting now", live decodes only)."""
+    index = 0
+    for request in requests:
+        if request is None:
+            yield None
+            continue
+        yield index, request
+        index += 1
+
+
 @torch.inference_mode()
 def _decode(
     model: LlamaLM,
-    requests: Iterable[DecodeRequest],
+    requests: Iterable[DecodeRequest | None],
     slots: int,
     eos_ids: Sequence[int],
     refill: bool,
     max_len: int | None,
     end: set[int] | None,
     steps: bool,
+    live: bool = False,
 ) -> Iterator:
     """The one decode loop: (index, tokens) per ended request, or with steps=True a list of
-    `StepTokens` per step."""
+    `StepTokens` per step. live=True: `decode_live`'s admission at every step and growing batch."""
     if not _is_int(slots) or slots < 1:
         raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
     config, weight = model.config, model.embed_tokens.weight
@@ -322,9 +378,10 @@ def _decode(
     context = config.max_position_embeddings
     stop = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)  # [E] ids that end a request
     eos = set(eos_ids)
-    pending = enumerate(requests)
-    state = _Slots(slots, vocab, device)
-    cache = SlotCache(config, slots, min(max_len or context, context), device, weight.dtype)
+    pending = _numbered(requests)
+    max_slots = slots
+    state = _Slots(1 if live else slots, vocab, device)
+    cache = SlotCache(config, len(state.request), min(max_len or context, context), device, weight.dtype)
     exhausted, step, changed = False, 0, True
     was_training = model.training
     model.eval()  # dropout would make seeded generation irreproducible
@@ -342,26 +399,32 @@ def _decode(
                     else:
                         for s, index in cut:
                             yield index, state.out[s, : int(state.steps[s])].tolist()
-            free = [s for s, r in enumerate(state.request) if r is None] if changed else []
-            if not exhausted and free and (refill or len(free) == len(state.request)):
-                admitted, exhausted = _admit(model, pending, free, state, cache, step, end)
+            capacity = 0
+            if live:  # every step: a request that came during the last one starts now
+                capacity = max_slots - sum(r is not None for r in state.request)
+            elif changed:
+                free = sum(r is None for r in state.request)
+                capacity = free if refill or free == len(state.request) else 0
+            if not exhausted and capacity:
+                admitted, exhausted, started = _admit(model, pending, capacity, max_slots, state, cache, step, end)
+                changed |= started
                 if steps and admitted:
                     yield [(index, [], True) for index in admitted]
                 elif admitted:  # max_new_tokens=0, or ended before it started: nothing to generate
                     for index in admitted:
                         yield index, []
             if changed:  # host bookkeeping only when a request started or ended, not per token
-                live = state.live()
-                if not live:
+                live_slots = state.live()
+                if not live_slots:
                     if exhausted:
                         return
                     continue
-                if refill and exhausted and len(live) <= len(state.request) // 2:
-                    state.keep(live)
-                    cache.keep(torch.tensor(live, device=device))
-                    live = list(range(len(live)))
-                offset = max(state.offset[s] for s in live)
-                params = [state.params[s] for s in live]
+                if refill and (exhausted or live) and len(live_slots) <= len(state.request) // 2:
+                    state.keep(live_slots)
+                    cache.keep(torch.tensor(live_slots, device=device))
+                    live_slots = list(range(len(live_slots)))
+                offset = max(state.offset[s] for s in live_slots)
+                params = [state.params[s] for s in live_slots]
                 sampling = any(r.temperature != 0 for r in params)
                 # Each filter sorts the logits of every row: skipped when no live row uses it.
                 top_k = state.top_k if any((r.top_k or vocab) < vocab for r in params) else None
@@ -413,36 +476,48 @@ def _decode(
 
 def _admit(
     model: LlamaLM,
-    pending: Iterator[tuple[int, DecodeRequest]],
-    free: list[int],
+    pending: Iterator[tuple[int, DecodeRequest] | None],
+    capacity: int,
+    max_slots: int,
     state: _Slots,
     cache: SlotCache,
     step: int,
     end: set[int] | None,
-) -> tuple[list[int], bool]:
-    """Pull requests into free slots and prefill them together; (requests with nothing to do, exhausted)."""
-    taken: list[tuple[int, int, DecodeRequest]] = []
+) -> tuple[list[int], bool, bool]:
+    """Pull up to `capacity` requests into free slots (adding slots, up to max_slots, when there are not
+    enough) and prefill them together; (requests with nothing to do, exhausted, any started)."""
+    taken: list[tuple[int, DecodeRequest]] = []
     empty, exhausted = [], False
-    while len(taken) < len(free):
-        item = next(pending, None)
-        if item is None:
+    while len(taken) < capacity:
+        item = next(pending, _END)
+        if item is None:  # a live stream with nothing waiting
+            break
+        if item is _END:
             exhausted = True
             break
-        index, request = item
+        index, request = item  # type: ignore[misc]
         request.check(model.config, f"request {index}")
         if request.max_new_tokens == 0 or (end and index in end):
             if end:
                 end.discard(index)
             empty.append(index)
         else:
-            taken.append((free[len(taken)], index, request))
+            taken.append((index, request))
     if not taken:
-        return empty, exhausted
+        return empty, exhausted, False
+    free = [s for s, r in enumerate(state.request) if r is None]
+    if len(taken) > len(free):
+        busy = len(state.request) - len(free)
+        extra = min(max_slots, 1 << (busy + len(taken) - 1).bit_length()) - len(state.request)
+        state.add(extra)
+        cache.add(extra)
+        free = [s for s, r in enumerate(state.request) if r is None]
     device = cache.lens.device
-    cache.grow(min(model.config.max_position_embeddings, max(len(r.prompt) + r.max_new_tokens for _, _, r in taken)))
-    state.widen(max(r.max_new_tokens for _, _, r in taken))
-    slots = torch.tensor([s for s, _, _ in taken], device=device)
-    prompts = [r.prompt for _, _, r in taken]
+    cache.grow(min(model.config.max_position_embeddings, max(len(r.prompt) + r.max_new_tokens for _, r in taken)))
+    state.widen(max(r.max_new_tokens for _, r in taken))
+    placed = [(free[k], index, request) for k, (index, request) in enumerate(taken)]
+    slots = torch.tensor([s for s, _, _ in placed], device=device)
+    prompts = [r.prompt for _, r in taken]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = max(len(p) for p in prompts)
     idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)  # right-padded [n, P]
@@ -456,22 +531,22 @@ def _admit(
     cache.lens.index_copy_(0, slots, lengths)
     vocab = model.config.vocab_size
     columns = {
-        "steps": torch.zeros(len(taken), dtype=torch.long),
-        "limit": torch.tensor([r.max_new_tokens for _, _, r in taken]),
-        "active": torch.ones(len(taken), dtype=torch.bool),
-        "temperature": torch.tensor([float(r.temperature) for _, _, r in taken]),
-        "top_k": torch.tensor([min(r.top_k or vocab, vocab) for _, _, r in taken]),
-        "top_p": torch.tensor([float(r.top_p or 1.0) for _, _, r in taken]),
+        "steps": torch.zeros(len(placed), dtype=torch.long),
+        "limit": torch.tensor([r.max_new_tokens for _, _, r in placed]),
+        "active": torch.ones(len(placed), dtype=torch.bool),
+        "temperature": torch.tensor([float(r.temperature) for _, _, r in placed]),
+        "top_k": torch.tensor([min(r.top_k or vocab, vocab) for _, _, r in placed]),
+        "top_p": torch.tensor([float(r.top_p or 1.0) for _, _, r in placed]),
         "logits": logits,
     }
     for name, column in columns.items():
         target = getattr(state, name)
         target.index_copy_(0, slots, column.to(device, target.dtype))
     n_steps = state.uniforms.size(1)
-    for slot, index, request in taken:
+    for slot, index, request in placed:
         state.request[slot], state.params[slot] = index, request
         state.offset[slot] = len(request.prompt) - step  # length at step t: prompt + tokens decoded since
         if request.temperature != 0:
             draws = row_uniforms([request.seed], 1, request.max_new_tokens)[0]
             state.uniforms[slot] = F.pad(draws, (0, n_steps - len(draws))).to(device)
-    return empty, exhausted
+    return empty, exhausted, True

@@ -6,6 +6,7 @@ the same features, sampling parameters and seed gets the same copy offline and o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -22,7 +23,8 @@ from aigc_dist.data.prompts import (
     layout_overhead,
 )
 from aigc_dist.engine.cpu_layout import prepare_for_decode
-from aigc_dist.engine.decode import DecodeRequest, decode_steps, decode_stream
+from aigc_dist.engine.decode import DecodeRequest, decode_live, decode_steps, decode_stream
+from aigc_dist.engine.live import LiveRequest, RequestFeed
 from aigc_dist.engine.streaming import StreamedText, check_stop
 from aigc_dist.models.artifact import PROMPT_TEMPLATE_KEY, Artifact, ArtifactError, ArtifactStore, load_artifact
 from aigc_dist.models.tokenizer import SPECIAL_TOKENS, TextTokenizer
@@ -168,6 +170,10 @@ class TextEngine:
     Either way a request's copy depends only on its features, sampling parameters and seed.
     """
 
+    serve_live = False
+    """True when a replica must send every request through `run_live` (vllm_engine.py); here only streams
+    go there, and whole calls decode in `generate` batches beside it."""
+
     def __init__(
         self,
         artifact: Artifact,
@@ -232,6 +238,60 @@ class TextEngine:
         """
         return self._run(requests, cancelled, stepwise=True)
 
+    def run_live(self, feed: RequestFeed, on_step: Callable[[int], None] | None = None) -> None:
+        """Decode the feed's requests as they arrive, until it is closed and all it gave have ended.
+
+        Each request joins the running batch at the next decode step (up to `max_batch_size` at once;
+        the others wait in the feed) and gets `stream`'s deltas for it, in order, through its
+        `deliver`: the same text and result as `stream` or `generate` for the same seed. `cancelled()`
+        ends it at a step. on_step(rows), when given, is called each decode step with the number of
+        requests decoding (how full the batch runs). An exception here closes the feed and is
+        delivered to every request it holds or still queues, then raised.
+        """
+        jobs: dict[int, tuple[LiveRequest, StreamedText, TextResult, int]] = {}
+
+        def arrivals() -> Iterator[DecodeRequest | None]:
+            while True:
+                live = feed.take(block=not jobs)  # nothing decoding: wait for the next request
+                if live is None:
+                    if feed.closed:
+                        return
+                    yield None
+                    continue
+                result, decode = self._prepare_one(live.request)
+                if decode is None:
+                    live.deliver(TextDelta(0, "", result))
+                    continue
+                jobs[next(numbers)] = (live, StreamedText(self.tokenizer, live.request.stop), result,
+                                              decode.max_new_tokens)
+                yield decode
+
+        numbers = itertools.count()  # decode_live's index of each request it is given
+        end: set[int] = set()
+        try:
+            for events in decode_live(self.model, arrivals(), self.max_batch_size, self.eos_ids, end=end):
+                if on_step is not None:
+                    on_step(len(events))
+                for j, tokens, done in events:
+                    job = jobs.get(j)
+                    if job is None:
+                        continue
+                    live, text, result, max_new_tokens = job
+                    piece, reason = self._advance(text, tokens, done, max_new_tokens, live.cancelled())
+                    if reason is None:
+                        if piece:
+                            live.deliver(TextDelta(0, piece, None))
+                        continue
+                    if not done:
+                        end.add(j)
+                    del jobs[j]
+                    live.deliver(TextDelta(0, piece, self._finish(result, text, reason)))
+        except BaseException as exc:
+            feed.close()
+            for live in [job[0] for job in jobs.values()] + feed.drain():
+                live.deliver(exc)
+            raise
+
     def _encode(self, request: TextRequest) -> list[int]:
         if request.prompt is not None:
             return encode_text(request.prompt, self.tokenizer)
@@ -242,34 +302,46 @@ class TextEngine:
     def _prepare(self, requests: Sequence[TextRequest]) -> tuple[list[TextResult], list[DecodeRequest], list[int]]:
         """Results (errors filled in), the decode requests of the servable ones, and where[j]: the
         request decode[j] serves."""
-        results = [TextResult() for _ in requests]
+        results: list[TextResult] = []
         decode: list[DecodeRequest] = []
         where: list[int] = []
         for index, request in enumerate(requests):
-            if request.messages is not None and self.tokenizer.chat_template is None:
-                results[index].error = NO_CHAT_TEMPLATE
-                continue
-            try:
-                prompt = self._encode(request)
-            except (PromptError, UnicodeError) as exc:  # a lone surrogate in a value cannot be encoded
-                results[index].error = f"prompt: {exc}"
-                continue
-            if not prompt:
-                results[index].error = "prompt: the text is empty and the tokenizer has no BOS to start from"
-                continue
-            room = self.context - len(prompt)
-            sampling = request.sampling
-            if sampling.max_new_tokens > room:
-                results[index].error = (
-                    f"prompt of {len(prompt)} tokens + max_new_tokens={sampling.max_new_tokens} "
-                    f"exceeds the model's context of {self.context}"
-                )
-                continue
-            results[index].prompt_tokens = len(prompt)
-            decode.append(DecodeRequest(prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                                        sampling.top_p, request.seed))
-            where.append(index)
+            result, one = self._prepare_one(request)
+            results.append(result)
+            if one is not None:
+                decode.append(one)
+                where.append(index)
         return results, decode, where
+
+    def _prepare_one(self, request: TextRequest) -> tuple[TextResult, DecodeRequest | None]:
+        """The request's result (its `error` when it cannot be served) and what to decode for it."""
+        result = TextResult()
+        if request.messages is not None and self.tokenizer.chat_template is None:
+            result.error = NO_CHAT_TEMPLATE
+            return result, None
+        try:
+            prompt = self._encode(request)
+        except (PromptError, UnicodeError) as exc:  # a lone surrogate in a value cannot be encoded
+            result.error = f"prompt: {exc}"
+            return result, None
+        if not prompt:
+            result.error = "prompt: the text is empty and the tokenizer has no BOS to start from"
+            return result, None
+        room = self.context - len(prompt)
+        sampling = request.sampling
+        if sampling.max_new_tokens > room:
+            result.error = (f"prompt of {len(prompt)} tokens + max_new_tokens={sampling.max_new_tokens} "
+                            f"exceeds the model's context of {self.context}")
+            return result, None
+        decode = DecodeRequest(prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
+                               request.seed)
+        try:  # here, not in the decode loop, where it would fail the batch (a live one: every stream)
+            decode.check(self.artifact.model_config, "request")
+        except ValueError as exc:
+            result.error = str(exc)
+            return result, None
+        result.prompt_tokens = len(prompt)
+        return result, decode
 
     def _run(self, requests: Sequence[TextRequest], cancelled: Callable[[int], bool] | None,
              stepwise: bool) -> Iterator[TextDelta]:  # fmt: skip
@@ -306,27 +378,38 @@ class TextEngine:
                 text = texts.get(j)
                 if text is None:
                     text = texts[j] = StreamedText(self.tokenizer, requests[where[j]].stop)
-                piece = text.push(tokens)
-                reason: FinishReason | None = None
-                if text.stopped:
-                    end.add(j)
-                    reason = "stop"
-                elif done:
-                    reason = "stop" if text.num_tokens < decode[j].max_new_tokens else "length"
-                elif cancelled is not None and cancelled(where[j]):
-                    end.add(j)
-                    reason = "cancelled"
+                piece, reason = self._advance(text, tokens, done, decode[j].max_new_tokens,
+                                              cancelled is not None and cancelled(where[j]))
                 if reason is None:
                     if piece:
                         yield TextDelta(where[j], piece, None)
                     continue
-                piece += text.finish()
-                result = results[where[j]]
-                result.text, result.num_tokens = text.shown, text.num_tokens
+                if not done:  # a stop string or a cancel: the decoder ends it before its next token
+                    end.add(j)
                 closed.add(j)
                 del texts[j]
-                self._close(result, reason)
-                yield TextDelta(where[j], piece, result)
+                yield TextDelta(where[j], piece, self._finish(results[where[j]], text, reason))
+
+    def _advance(self, text: StreamedText, tokens: list[int], done: bool, max_new_tokens: int,
+                 cancelled: bool) -> tuple[str, FinishReason | None]:  # fmt: skip
+        """One decode event of a request: the text it releases, and why the request ends now (None: it
+        goes on). A stop string or a cancel ends it before the decoder would; the caller stops decoding
+        it then. The text of an ending request includes the rest `StreamedText.finish` releases."""
+        piece = text.push(tokens)
+        if text.stopped:
+            reason: FinishReason = "stop"
+        elif done:
+            reason = "stop" if text.num_tokens < max_new_tokens else "length"
+        elif cancelled:
+            reason = "cancelled"
+        else:
+            return piece, None
+        return piece + text.finish(), reason
+
+    def _finish(self, result: TextResult, text: StreamedText, reason: FinishReason) -> TextResult:
+        result.text, result.num_tokens = text.shown, text.num_tokens
+        self._close(result, reason)
+        return result
 
     @staticmethod
     def _close(result: TextResult, reason: FinishReason) -> None:

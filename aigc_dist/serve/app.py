@@ -12,7 +12,8 @@ a body must arrive within `serve.body_read_timeout_s` (408) and a call's tokens 
 
 Concurrent requests share forward passes through `@serve.batch` (size and wait from `user_config`,
 changeable at run time with `reconfigure`, which also swaps artifacts without dropping in-flight
-requests: a batch keeps the engine it started with). Overload is Serve's own admission control:
+requests: a batch keeps the engine it started with); streams share one live decode that each joins at
+its next step (streams.py), the old one finishing its streams after a swap. Overload is Serve's own admission control:
 past `max_ongoing_requests` per replica requests queue, past `max_queued_requests` the caller gets
 503 with Retry-After.
 
@@ -156,6 +157,7 @@ class AigcServe(OpenAIRoutes):
         self.text_uri: str | None = None
         self.image_uri: str | None = None
         self.stats: Counter[str] = Counter()
+        self.live = None  # the streams' live decode (openai_api.py), started by the first stream
         self.metrics = ActorMetrics("serve", {"run": serve.get_replica_context().app_name})
         api.state.max_body_bytes = self.limits.max_body_bytes
         api.state.body_read_timeout_s = self.limits.body_read_timeout_s
@@ -193,7 +195,10 @@ class AigcServe(OpenAIRoutes):
         for engine in (self.text, self.image):
             if engine is not None:
                 engine.max_batch_size = self.limits.max_batch_size
-        for batched in (self._generate_batch, self._images_batch, self._stream_batch):
+        if self.live is not None:  # its streams end on the engine they started with; the next ones get a new loop,
+            self.live.close()  # with the new engine and max_batch_size
+            self.live = None
+        for batched in (self._generate_batch, self._images_batch):
             batched.set_max_batch_size(self.limits.max_batch_size)
             batched.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
         log.info("reconfigured: text=%s image=%s, max_batch_size=%d, batch_wait_timeout_s=%s", self.text_uri,
@@ -298,7 +303,10 @@ class AigcServe(OpenAIRoutes):
     async def _decode_all(self, kind: str, batched: Any, requests: list[Any]) -> tuple[list[Any], ModelInfo]:
         """Each request through its `@serve.batch` method (concurrent calls share batches); the results in
         order, errors included, and the model that made them."""
-        answered = await asyncio.gather(*(batched(request) for request in requests))
+        if kind == "text" and self.text is not None and self.text.serve_live:
+            answered = await self._live_results(self.text, requests)  # vLLM: one engine loop for every request
+        else:
+            answered = await asyncio.gather(*(batched(request) for request in requests))
         model = answered[0][1]
         failed = sum(1 for result, _ in answered if result.error)
         self.metrics.inc("aigc_generate_rows_total", len(answered) - failed, model=model.name, status="ok")
@@ -319,7 +327,7 @@ class AigcServe(OpenAIRoutes):
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
         loaded = [engine.artifact for engine in (self.text, self.image) if engine is not None]
-        return ModelsResponse(models=[model_info(a) for a in loaded], stats=dict(self.stats),
+        return ModelsResponse(models=[model_info(a) for a in loaded], stats={**self.stats, **self.live_stats()},
                               data=[openai_model(a) for a in loaded])
 
     @api.get("/healthz")

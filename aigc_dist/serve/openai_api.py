@@ -16,13 +16,12 @@ What a request continues:
 Choice i of a request with n choices is decoded with seed + i, so choice 0 equals the same request
 with n = 1.
 
-Streaming: each choice is a job of `_stream_batch`, a `@serve.batch` method that runs
-`TextEngine.stream` in a worker thread and hands each delta to its call's asyncio queue, from which
-the call's response sends it as a chunk. A client that disconnects is seen on ASGI's `receive`
-(`EventStream`): its call is marked cancelled, the engine asks `cancelled(index)` each decode step
-and ends that request there, freeing its slot (counted as `text_finish_cancelled` in the stats).
-Requests that arrive while a batch streams form the next one (Serve's batching; the engine's
-`stream` takes a fixed set of requests, so calls do not join a running batch).
+Streaming: each choice is a `LiveRequest` on the replica's `LiveDecoder` (streams.py): it joins the
+decode running on the engine's thread at its next step, whatever the other streams' progress, and its
+deltas come back to its call's asyncio queue, from which the call's response sends them as chunks.
+A client that disconnects is seen on ASGI's `receive` (`EventStream`): its call is marked cancelled,
+the engine asks each step and ends that request there, freeing its slot (counted as
+`text_finish_cancelled` in the stats). Non-streamed choices go through `@serve.batch` as /v1/generate's.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these route signatures at run time (see app.py).
@@ -37,10 +36,11 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
-from ray import serve
 
 from aigc_dist.config import ServeConfig
+from aigc_dist.engine.live import FeedClosed, LiveRequest
 from aigc_dist.engine.text import SamplingParams, TextDelta, TextEngine, TextRequest, TextResult
+from aigc_dist.metrics import ActorMetrics
 from aigc_dist.serve.openai_schemas import (
     CHAT,
     COMPLETIONS,
@@ -57,7 +57,8 @@ from aigc_dist.serve.openai_schemas import (
     usage,
 )
 from aigc_dist.serve.profiles import InvalidProfileError, ProfileTable, UnknownIdError
-from aigc_dist.serve.schemas import GenerateItem, check_features, model_info
+from aigc_dist.serve.schemas import GenerateItem, ModelInfo, check_features, model_info
+from aigc_dist.serve.streams import LiveDecoder
 
 router = APIRouter()
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -79,13 +80,6 @@ class StreamCall:
     cancelled: bool = False
 
 
-@dataclass
-class StreamJob:
-    call: StreamCall
-    choice: int
-    request: TextRequest
-
-
 class OpenAIRoutes:
     """The OpenAI routes of `AigcServe`; the attributes below are the deployment's."""
 
@@ -94,6 +88,8 @@ class OpenAIRoutes:
     users: ProfileTable
     items: ProfileTable
     stats: Counter[str]
+    metrics: ActorMetrics
+    live: LiveDecoder | None
 
     @router.post(COMPLETIONS, response_model=None, responses=OPENAI_ERRORS)
     async def completions(self, body: CompletionBody) -> JSONResponse | StreamingResponse:
@@ -113,7 +109,7 @@ class OpenAIRoutes:
                             model=body.model, system_fingerprint=f"{info.version}-{info.digest[:12]}")
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await self._stream(chat, envelope, requests, asks, include_usage)
+            return await self._stream(chat, envelope, engine, requests, asks, include_usage)
         results, _ = await self._decode_all("text", self._generate_batch, requests)
         _refuse_failed(results, asks)
         return JSONResponse(envelope.answer(chat, [completion_choice(i, r, chat) for i, r in enumerate(results)],
@@ -203,12 +199,24 @@ class OpenAIRoutes:
 
     # -- streaming ------------------------------------------------------------------------------
 
-    async def _stream(self, chat: bool, envelope: Envelope, requests: list[TextRequest], asks: str,
-                      include_usage: bool) -> StreamingResponse:
-        """Queue the choices, wait for each one's first delta (so that a request the engine refuses is a
-        400 like a non-streamed one, not an error inside a 200), then stream."""
+    async def _stream(self, chat: bool, envelope: Envelope, engine: TextEngine, requests: list[TextRequest],
+                      asks: str, include_usage: bool) -> StreamingResponse:
+        """Put the choices on the live decode, wait for each one's first delta (so that a request the engine
+        refuses is a 400 like a non-streamed one, not an error inside a 200), then stream."""
         call = StreamCall()
-        jobs = [asyncio.ensure_future(self._stream_batch(StreamJob(call, i, r))) for i, r in enumerate(requests)]
+        loop = asyncio.get_running_loop()
+        info = model_info(engine.artifact)
+
+        def arrived(choice: int, delta: TextDelta | BaseException) -> None:  # on the loop
+            call.queue.put_nowait((choice, delta))
+            if isinstance(delta, TextDelta) and delta.result is not None:
+                self._count_stream(info, delta.result)
+
+        def deliver(choice: int) -> Any:
+            return lambda delta: loop.call_soon_threadsafe(arrived, choice, delta)
+
+        for choice, request in enumerate(requests):
+            self._put_live(engine, LiveRequest(request, deliver(choice), lambda: call.cancelled))
         first: list[tuple[int, Any]] = []
         try:
             started: set[int] = set()
@@ -222,7 +230,65 @@ class OpenAIRoutes:
             call.cancelled = True
             raise
         _refuse_failed([d.result for _, d in first if d.result is not None and d.result.error], asks, call)
-        return EventStream(self._events(chat, envelope, call, first, len(requests), include_usage), call, jobs)
+        return EventStream(self._events(chat, envelope, call, first, len(requests), include_usage), call)
+
+    def _put_live(self, engine: TextEngine, request: LiveRequest) -> None:
+        """Put a request on the live decode of `engine`, starting one if there is none (the first stream,
+        or after a swap of the model, which closed the one before: its streams end on the old engine)."""
+        for _ in range(2):
+            live = self.live
+            if live is None or live.engine is not engine or not live.usable:
+                if live is not None:
+                    live.close()
+                live = self.live = LiveDecoder(engine)
+            try:
+                live.put(request)
+                return
+            except FeedClosed:  # its loop failed a moment ago: a new one takes the request
+                self.live = None
+        raise RuntimeError("the live decode loop takes no requests")
+
+    async def _live_results(self, engine: TextEngine,
+                            requests: list[TextRequest]) -> list[tuple[TextResult, ModelInfo]]:
+        """Whole results of requests decoded by the live loop (an engine whose requests all go there); a
+        call cancelled while they decode (its client gone) ends them at their next step."""
+        loop = asyncio.get_running_loop()
+        info = model_info(engine.artifact)
+        futures = [loop.create_future() for _ in requests]
+
+        def settle(future: asyncio.Future, answer: TextResult | BaseException) -> None:  # on the loop
+            if future.done():  # cancelled: nobody waits for it
+                return
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+
+        def deliver(future: asyncio.Future) -> Any:
+            def on_delta(delta: TextDelta | BaseException) -> None:
+                if isinstance(delta, BaseException) or delta.result is not None:
+                    loop.call_soon_threadsafe(settle, future, delta if isinstance(delta, BaseException)
+                                              else delta.result)
+            return on_delta
+
+        for future, request in zip(futures, requests, strict=True):
+            self._put_live(engine, LiveRequest(request, deliver(future), future.cancelled))
+        results = await asyncio.gather(*futures)
+        for result in results:
+            self._count_stream(info, result)
+        return [(result, info) for result in results]
+
+    def _count_stream(self, info: ModelInfo, result: TextResult) -> None:
+        """A streamed request's counters, once it ended (those of its decode steps: `live_stats`)."""
+        self.stats["text_requests"] += 1
+        if result.finish_reason:
+            self.stats[f"text_finish_{result.finish_reason}"] += 1
+        self.metrics.inc("aigc_generated_tokens_total", result.num_tokens, model=info.name)
+
+    def live_stats(self) -> dict[str, int]:
+        """The live decode's steps and the requests they decoded (rows / steps: its mean batch size)."""
+        live = self.live
+        return {"stream_steps": live.steps, "stream_rows": live.rows} if live is not None else {}
 
     async def _events(self, chat: bool, envelope: Envelope, call: StreamCall, first: list[tuple[int, Any]],
                       n: int, include_usage: bool) -> AsyncIterator[str]:
@@ -249,43 +315,6 @@ class OpenAIRoutes:
         finally:
             call.cancelled = True  # nothing more is read: any choice still decoding ends at its next step
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _stream_batch(self, jobs: list[StreamJob]) -> list[None]:
-        """The batch's streams, decoded in a worker thread (unlike `_decode`): a decode step that releases
-        no text (a character still incomplete, text held back for a stop string) yields nothing, so a
-        decode on the loop would hold it for as many steps as that lasts, and neither the chunks nor the
-        disconnects of its clients would get through (measured: a stream whose bytes never formed
-        text ran 4,000 steps to its length with its client long gone). In a thread the loop gets the GIL
-        every switch interval: it sends chunks and marks calls cancelled while the batch decodes."""
-        live = [job for job in jobs if not job.call.cancelled]  # callers gone while they queued
-        engine = self.text
-        if engine is None:
-            for job in live:
-                job.call.queue.put_nowait((job.choice, TextDelta(0, "", TextResult(error="no text model is served"))))
-            return [None] * len(jobs)
-        if not live:
-            return [None] * len(jobs)
-        loop = asyncio.get_running_loop()
-
-        def decode() -> list[TextResult]:
-            results = []
-            for delta in engine.stream([job.request for job in live], cancelled=lambda i: live[i].call.cancelled):
-                job = live[delta.index]
-                loop.call_soon_threadsafe(job.call.queue.put_nowait, (job.choice, delta))
-                if delta.result is not None:
-                    results.append(delta.result)
-            return results
-
-        started = time.perf_counter()
-        try:
-            results = await asyncio.to_thread(decode)
-        except Exception as exc:  # never leave a caller waiting on its queue (after the deltas already sent)
-            for job in live:
-                job.call.queue.put_nowait((job.choice, exc))
-            raise
-        self._count_batch("text", model_info(engine.artifact), results, time.perf_counter() - started)
-        return [None] * len(jobs)
-
 
 class EventStream(StreamingResponse):
     """Server-sent events whose call is marked cancelled as soon as the client disconnects.
@@ -298,11 +327,10 @@ class EventStream(StreamingResponse):
     after its client had gone, its slot taken). Once marked, each choice ends at its next decode step.
     """
 
-    def __init__(self, events: AsyncIterator[str], call: StreamCall, jobs: list[asyncio.Future]):
+    def __init__(self, events: AsyncIterator[str], call: StreamCall):
         super().__init__(events, media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         self.call = call
-        self.jobs = jobs  # referenced until the response ends: asyncio holds running tasks only weakly
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async def watch() -> None:

@@ -8,6 +8,8 @@ a chat template, one decode slot, one call at a time and one queued: overload an
 from __future__ import annotations
 
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -326,3 +328,57 @@ def test_ray_data_llm_http_request_processor_runs_a_dataset_through_the_chat_rou
         direct = client.chat.completions.create(model="copy-chat", messages=[], max_tokens=10, seed=body["seed"],
                                                 extra_body={"aigc": body["aigc"]})
         assert row["content"] == direct.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def live_url(serve_cluster, serve_kit):
+    """The slow long-context model with eight decode slots: streams that overlap in time."""
+    url = serve_cluster.deploy("openai-live", serve_kit.config(
+        artifact=serve_kit.lm_long, max_batch_size=8, max_new_tokens_cap=2000, max_tokens_per_call=4000))
+    yield url
+    serve_cluster.delete("openai-live")
+
+
+def test_streams_that_arrive_while_one_decodes_join_its_batch(live_url, serve_kit):
+    """A 1,500-token stream decodes (about 5 s); three short streams sent after its first chunk all end
+    before it does, each with a direct engine call's text, and decode steps held more than one request.
+    Batches of whole calls (what streams had before) would keep the three waiting until the long one ended."""
+    client = _small(live_url)
+    stats = lambda: requests.get(f"{live_url}/v1/models", timeout=30).json()["stats"]  # noqa: E731
+    before = stats()
+    ended: dict[str, float] = {}
+    first_chunk = threading.Event()
+
+    def long_stream() -> tuple[dict[int, str], dict[int, str], Any]:
+        stream = client.completions.create(model="copy-long", prompt="x", max_tokens=1500, temperature=0, stream=True)
+        chunks = iter(stream)
+        head = next(chunks)
+        first_chunk.set()
+        texts, reasons, _ = _reassemble(chunks, chat=False)
+        ended["long"] = time.monotonic()
+        return {0: (head.choices[0].text or "") + texts.get(0, "")}, reasons, None
+
+    def short_stream(k: int) -> tuple[str, int]:
+        stream = client.completions.create(model="copy-long", prompt=f"Sale {k}:", max_tokens=20, seed=k,
+                                           temperature=0.8, stream=True, stream_options={"include_usage": True})
+        texts, reasons, usage = _reassemble(stream, chat=False)
+        ended[f"short{k}"] = time.monotonic()
+        assert reasons[0] in ("stop", "length")
+        return texts[0], usage.completion_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(long_stream)
+        assert first_chunk.wait(120)
+        shorts = [pool.submit(short_stream, k) for k in range(3)]
+        short_texts = [s.result(timeout=120) for s in shorts]
+        long_texts, long_reasons, _ = long.result(timeout=300)
+    assert long_reasons[0] == "length"
+    assert max(ended[f"short{k}"] for k in range(3)) < ended["long"], ended
+    engine = TextEngine(load_artifact(serve_kit.lm_long, Storage()))
+    for k, (text, _) in enumerate(short_texts):
+        assert text == _direct(engine, k, 20, 0.8, prompt=f"Sale {k}:").text
+    after = stats()
+    steps = after["stream_steps"] - before.get("stream_steps", 0)
+    rows = after["stream_rows"] - before.get("stream_rows", 0)
+    # Every step held the long stream; each short token came in one of those steps, beside it.
+    assert steps >= 1500 and rows - steps >= sum(tokens for _, tokens in short_texts) > 0, (steps, rows)
