@@ -212,9 +212,13 @@ def saturate(url: str, clients: int, seconds: float, max_new_tokens: int, route:
     for thread in threads:
         thread.join()
     last = requests.get(f"{url}/v1/models", timeout=30).json()["stats"]
-    decoded, batches = (last.get(k, 0) - first.get(k, 0) for k in ("text_requests", "text_batches"))
+    decoded, batches, steps, rows = (last.get(k, 0) - first.get(k, 0)
+                                     for k in ("text_requests", "text_batches", "stream_steps", "stream_rows"))
+    # Streams decode in the replica's live batch, which they join and leave step by step: its mean is the
+    # streams per decode step; whole calls batch per @serve.batch call.
+    mean_batch = rows / max(1, steps) if stream else decoded / max(1, batches)
     return {"requests_per_s": answered / elapsed, "answered": answered, "failed": sum(failed),
-            "mean_batch": decoded / max(1, batches)}
+            "mean_batch": mean_batch}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

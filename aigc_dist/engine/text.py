@@ -170,10 +170,6 @@ class TextEngine:
     Either way a request's copy depends only on its features, sampling parameters and seed.
     """
 
-    serve_live = False
-    """True when a replica must send every request through `run_live` (vllm_engine.py); here only streams
-    go there, and whole calls decode in `generate` batches beside it."""
-
     def __init__(
         self,
         artifact: Artifact,

@@ -15,7 +15,6 @@ every file checked against metadata.json's sha256 first (as the native loader ch
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aigc_dist.engine.decode import DecodeRequest
-from aigc_dist.engine.live import LiveRequest, RequestFeed
+from aigc_dist.engine.live import RequestFeed
 from aigc_dist.engine.streaming import StreamedText
 from aigc_dist.engine.text import FinishReason, TextDelta, TextEngine, TextRequest, TextResult
 from aigc_dist.models.artifact import PROMPT_TEMPLATE_KEY, Artifact, ArtifactError, ArtifactStore, load_artifact
@@ -136,13 +135,8 @@ class VLLMTextEngine(TextEngine):
     `stream` and `generate` run vLLM's offline `generate` over a fixed set of requests: `stream` yields
     each request's text as one delta when it ends, and `cancelled` is not asked; stop strings end the
     text where the native engine ends it, but vLLM decodes on to max_new_tokens or EOS first.
-    `run_live` (a Serve replica) steps vLLM's engine itself: requests join at the next step, their
-    tokens stream as they come, a stop string or a cancel aborts the request in vLLM at once.
+    `run_live` (a replica's streams) runs that per group of arrivals.
     """
-
-    serve_live = True
-    """vLLM's engine has one stepping loop: in a replica every request goes through `run_live` (a
-    `generate` beside it would step, and take the outputs of, the live requests)."""
 
     def __init__(self, artifact: Artifact, model_dir: Path, max_batch_size: int = 64, num_threads: int | None = None,
                  kv_cache_gib: int = 1, gpu_memory_utilization: float = 0.85):  # fmt: skip
@@ -223,86 +217,30 @@ class VLLMTextEngine(TextEngine):
         return answers
 
     def run_live(self, feed: RequestFeed, on_step: Callable[[int], None] | None = None) -> None:
-        """`TextEngine.run_live` on vLLM's engine: the feed's requests are added to it as they arrive and
-        it is stepped here, each step's new tokens (vLLM's DELTA outputs) released through the same
-        detokenization, stop strings and finish rules as the native engine. on_step gets the number of
-        requests that produced tokens in the step."""
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        engine = self.model.llm_engine
-        jobs: dict[str, tuple[LiveRequest, StreamedText, TextResult, int]] = {}
-        numbers = itertools.count()
-
-        def finish(request_id: str, piece: str, reason: FinishReason) -> None:
-            live, text, result, _ = jobs.pop(request_id)
-            live.deliver(TextDelta(0, piece, self._finish(result, text, reason)))
-
-        try:
-            while True:
-                while (live := feed.take(block=not jobs)) is not None:  # everything waiting joins now
-                    result, decode = self._prepare_one(live.request)
-                    if decode is not None:
-                        params = self._params(decode)
-                        params.output_kind = RequestOutputKind.DELTA
-                        try:
-                            request_id = engine.add_request(f"live-{next(numbers)}",
-                                                            TokensPrompt(prompt_token_ids=decode.prompt), params)
-                        except (ValueError, TypeError) as exc:
-                            result.error, result.prompt_tokens = f"vllm refused the request: {exc}", 0
-                        else:
-                            jobs[request_id] = (live, StreamedText(self.tokenizer, live.request.stop), result,
-                                                decode.max_new_tokens)
-                            continue
-                    live.deliver(TextDelta(0, "", result))
-                if not jobs:
-                    if feed.closed:
-                        return
-                    continue
-                gone = [request_id for request_id, job in jobs.items() if job[0].cancelled()]
-                if gone:
-                    engine.abort_request(gone)
-                    for request_id in gone:
-                        finish(request_id, jobs[request_id][1].finish(), "cancelled")
-                outputs = engine.step()
-                if on_step is not None and outputs:
-                    on_step(len(outputs))
-                for output in outputs:
-                    self._live_output(output, jobs, engine, finish)
-        except BaseException as exc:
-            feed.close()
-            if jobs:
-                engine.abort_request(list(jobs))
-            for live in [job[0] for job in jobs.values()] + feed.drain():
-                live.deliver(exc)
-            raise
-
-    def _live_output(self, output: Any, jobs: dict[str, tuple[LiveRequest, StreamedText, TextResult, int]],
-                     engine: Any, finish: Callable[[str, str, FinishReason], None]) -> None:  # fmt: skip
-        """One request's new tokens of a step, token by token (a stop string ends the count at the token that
-        completed it, as natively); a request ended here but not by vLLM is aborted in vLLM."""
-        job = jobs.get(output.request_id)
-        if job is None:
-            return
-        live, text, _, max_new_tokens = job
-        completion = output.outputs[0]
-        events = [[token] for token in completion.token_ids]
-        if output.finished and completion.finish_reason == "stop" and events and events[-1][0] in self.eos_ids:
-            events[-1] = []  # the EOS that ended it: an empty last event, as the native decode reports it
-        shown = ""
-        for k, tokens in enumerate(events):
-            piece, reason = self._advance(text, tokens, output.finished and k == len(events) - 1, max_new_tokens,
-                                          False)
-            shown += piece
-            if reason is not None:
-                if not output.finished:
-                    engine.abort_request([output.request_id])
-                finish(output.request_id, shown, reason)
-                return
-        if output.finished:  # finished with no token this step (aborted elsewhere): what it has
-            finish(output.request_id, shown + text.finish(), "stop" if text.num_tokens < max_new_tokens else "length")
-        elif shown:
-            live.deliver(TextDelta(0, shown, None))
+        """`TextEngine.run_live` over vLLM's offline engine: what has arrived decodes as one `stream` call,
+        then what arrived meanwhile, and so on; each request gets its text as one delta when it ends, and
+        `cancelled` is not asked. (Stepping vLLM's engine per request, so that requests join mid-batch and
+        stream token by token, is not built: the first try never ended its loop.) on_step gets each
+        call's request count."""
+        while True:
+            first = feed.take(block=True)
+            if first is None:
+                if feed.closed:
+                    return
+                continue
+            batch = [first]
+            while (more := feed.take(block=False)) is not None:
+                batch.append(more)
+            try:
+                for delta in self.stream([live.request for live in batch]):
+                    batch[delta.index].deliver(TextDelta(0, delta.text, delta.result))
+            except BaseException as exc:
+                feed.close()
+                for live in batch + feed.drain():
+                    live.deliver(exc)
+                raise
+            if on_step is not None:
+                on_step(len(batch))
 
     def _decoded(self, requests: Sequence[TextRequest], results: list[TextResult], decode: list[DecodeRequest],
                  where: list[int], cancelled: Callable[[int], bool] | None, stepwise: bool) -> Iterator[TextDelta]:

@@ -303,10 +303,7 @@ class AigcServe(OpenAIRoutes):
     async def _decode_all(self, kind: str, batched: Any, requests: list[Any]) -> tuple[list[Any], ModelInfo]:
         """Each request through its `@serve.batch` method (concurrent calls share batches); the results in
         order, errors included, and the model that made them."""
-        if kind == "text" and self.text is not None and self.text.serve_live:
-            answered = await self._live_results(self.text, requests)  # vLLM: one engine loop for every request
-        else:
-            answered = await asyncio.gather(*(batched(request) for request in requests))
+        answered = await asyncio.gather(*(batched(request) for request in requests))
         model = answered[0][1]
         failed = sum(1 for result, _ in answered if result.error)
         self.metrics.inc("aigc_generate_rows_total", len(answered) - failed, model=model.name, status="ok")

@@ -248,36 +248,6 @@ class OpenAIRoutes:
                 self.live = None
         raise RuntimeError("the live decode loop takes no requests")
 
-    async def _live_results(self, engine: TextEngine,
-                            requests: list[TextRequest]) -> list[tuple[TextResult, ModelInfo]]:
-        """Whole results of requests decoded by the live loop (an engine whose requests all go there); a
-        call cancelled while they decode (its client gone) ends them at their next step."""
-        loop = asyncio.get_running_loop()
-        info = model_info(engine.artifact)
-        futures = [loop.create_future() for _ in requests]
-
-        def settle(future: asyncio.Future, answer: TextResult | BaseException) -> None:  # on the loop
-            if future.done():  # cancelled: nobody waits for it
-                return
-            if isinstance(answer, BaseException):
-                future.set_exception(answer)
-            else:
-                future.set_result(answer)
-
-        def deliver(future: asyncio.Future) -> Any:
-            def on_delta(delta: TextDelta | BaseException) -> None:
-                if isinstance(delta, BaseException) or delta.result is not None:
-                    loop.call_soon_threadsafe(settle, future, delta if isinstance(delta, BaseException)
-                                              else delta.result)
-            return on_delta
-
-        for future, request in zip(futures, requests, strict=True):
-            self._put_live(engine, LiveRequest(request, deliver(future), future.cancelled))
-        results = await asyncio.gather(*futures)
-        for result in results:
-            self._count_stream(info, result)
-        return [(result, info) for result in results]
-
     def _count_stream(self, info: ModelInfo, result: TextResult) -> None:
         """A streamed request's counters, once it ended (those of its decode steps: `live_stats`)."""
         self.stats["text_requests"] += 1

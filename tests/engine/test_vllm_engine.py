@@ -41,36 +41,6 @@ def vllm_host(ray_local, trained_copy_model) -> Any:
         def stream(self, requests: list[TextRequest]) -> list[Any]:
             return list(self.engine.stream(requests))
 
-        def live(self, first: list[TextRequest], later: list[TextRequest], cancel_first: bool = False) -> Any:
-            """run_live: `first` put at once, `later` from the engine's thread at the first one's first
-            delta (while it decodes); each request's deltas, and the order their last ones came."""
-            import threading
-
-            from aigc_dist.engine.live import LiveRequest, RequestFeed
-
-            feed, rows, order = RequestFeed(), [], []
-            deltas: list[list[Any]] = [[] for _ in first + later]
-            cancel = threading.Event()
-
-            def deliver(k: int) -> Any:
-                def on_delta(delta: Any) -> None:
-                    deltas[k].append(delta)
-                    if k == 0 and len(deltas[0]) == 1:
-                        if cancel_first:
-                            cancel.set()  # asked at the next step
-                        for j, request in enumerate(later, start=len(first)):
-                            feed.put(LiveRequest(request, deliver(j)))
-                    if getattr(delta, "result", None) is not None or isinstance(delta, BaseException):
-                        order.append(k)
-                        if len(order) == len(deltas):
-                            feed.close()
-                return on_delta
-
-            for k, request in enumerate(first):
-                feed.put(LiveRequest(request, deliver(k), cancel.is_set if k == 0 else (lambda: False)))
-            self.engine.run_live(feed, on_step=rows.append)
-            return deltas, order, rows
-
     host = VLLMHost.remote(trained_copy_model.artifact)
     yield host
     ray.kill(host)
@@ -140,41 +110,3 @@ def test_a_requests_seed_decides_its_sampled_copy_whatever_the_batch(vllm_host, 
     again = ray.get(vllm_host.generate.remote([dataclasses.replace(big[0], seed=7)]))[0]
     assert reseeded.text == again.text
     assert len({r.text for r in together}) > 1 + len(together) // 2  # sampled, not one copy for everyone
-
-
-def test_live_requests_stream_token_by_token_and_join_the_running_batch(vllm_host, trained_copy_model):
-    """run_live on vLLM's engine (what a replica runs): requests put while one decodes get their text in
-    several deltas, equal to generate()'s (errors, stop strings, sampled copy by seed), and a short one
-    put mid-decode ends before the long one that was running."""
-    import ray
-
-    greedy = SamplingParams(max_new_tokens=120, temperature=0.0)
-    good = held_out_requests(trained_copy_model, 6, greedy)
-    long = TextRequest(prompt="Fresh picks for you: ", sampling=SamplingParams(200, 0.0))
-    short = dataclasses.replace(good[0], sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
-    sampled = dataclasses.replace(good[1], seed=99, sampling=SamplingParams(60, temperature=1.0, top_k=20))
-    stopped = dataclasses.replace(good[2], stop=(" ",))
-    too_long = dataclasses.replace(good[3], sampling=SamplingParams(max_new_tokens=250))
-    later = [short, sampled, stopped, too_long, good[4]]
-    expected = ray.get(vllm_host.generate.remote([long, *later]))
-    deltas, order, rows = ray.get(vllm_host.live.remote([long], later))
-    for k, want in enumerate(expected):
-        got = deltas[k]
-        assert got[-1].result == want, k
-        assert "".join(d.text for d in got) == want.text
-    assert len(deltas[0]) > 10  # the long one streamed, not one delta at its end
-    assert expected[0].finish_reason == "length" and order.index(1) < order.index(0)
-    assert expected[3].finish_reason == "stop" and " " not in expected[3].text and expected[4].error
-    assert max(rows) >= 4  # the ones put later decoded beside the long one
-
-
-def test_a_cancelled_live_request_is_aborted_in_vllm(vllm_host, trained_copy_model):
-    import ray
-
-    long = TextRequest(prompt="Fresh picks for you: ", sampling=SamplingParams(200, 0.0))
-    after = held_out_requests(trained_copy_model, 1, SamplingParams(max_new_tokens=30, temperature=0.0))
-    deltas, order, _ = ray.get(vllm_host.live.remote([long], after, cancel_first=True))
-    cancelled = deltas[0][-1].result
-    assert cancelled.finish_reason == "cancelled" and cancelled.num_tokens < 200
-    assert cancelled.text == "".join(d.text for d in deltas[0])
-    assert deltas[1][-1].result.error is None and deltas[1][-1].result.num_tokens > 0
