@@ -44,11 +44,12 @@ from aigc_dist.batch.layout import RunLayout, read_commits
 from aigc_dist.batch.lock import FencedError, RunLock
 from aigc_dist.batch.openai_batch import request_counts
 from aigc_dist.batch.progress import Progress, build_manifest
+from aigc_dist.batch.quality import quality_report, sum_quality
 from aigc_dist.batch.reading import count_rows, read_work_rows, work_dataset
 from aigc_dist.batch.records import ReadLimits
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer
 from aigc_dist.batch.startup import input_ready, room_to_overlap, start_gate
-from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, StorageConfig, config_digest
+from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, QualityConfig, StorageConfig, config_digest
 from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.errors import UserError
 from aigc_dist.metrics import DriverMetrics
@@ -145,11 +146,15 @@ def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any])
     """What a run is: resuming it with anything that changes its output would mix two outputs."""
     decisive = backfill.model_dump(mode="json", exclude={
         "run_id", "output", "artifact", "min_actors", "max_actors", "cpus_per_actor", "gpus_per_actor",
-        "progress_interval_s", "lock_stale_after_s", "startup_overlap", "engine"})
+        "progress_interval_s", "lock_stale_after_s", "startup_overlap", "engine", "quality"})
     # The engine decides sampled copy (each engine has its own random streams), its memory settings do not;
     # a native run's identity is what it was before there was a choice, so such runs resume across versions.
     if backfill.engine.backend != "native":
         decisive["engine"] = backfill.engine.model_dump(mode="json", include={"backend", "vllm_min_parameters"})
+    # The quality rules decide the grounded / personalized columns and require_item_mention's filter; runs
+    # on the default rules keep the identity they had before the rules were configurable.
+    if backfill.quality != QualityConfig():
+        decisive["quality"] = backfill.quality.model_dump(mode="json")
     decisive["data"] = data.model_dump(mode="json", include={
         "max_id_chars", "max_value_chars", "max_record_bytes", "max_nesting_depth", "max_fields", "format",
         "requests_format"})
@@ -188,8 +193,8 @@ def _record_run(layout: RunLayout, storage: Storage, backfill: BackfillConfig, m
     if run_info["output_digest"] != identity["output_digest"]:
         raise BackfillError(
             f"run {backfill.run_id} at {layout.root} was started with another model or other output settings "
-            "(sampling, seed, engine, filters, rows_per_file, batch_size, validation limits); resume it with the "
-            "same config, or use a new backfill.run_id")
+            "(sampling, seed, engine, filters, quality rules, rows_per_file, batch_size, validation limits); resume "
+            "it with the same config, or use a new backfill.run_id")
     return run_info
 
 
@@ -399,7 +404,7 @@ def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
 
 
 def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: dict[str, Any],
-            progress: Progress, lock: RunLock, openai: bool = False) -> dict[str, Any]:
+            progress: Progress, lock: RunLock, backfill: BackfillConfig, openai: bool = False) -> dict[str, Any]:
     """Every shard committed: sweep uncommitted files, write the manifest (last), drop the work files.
 
     The sweep and the manifest use the one marker set checked complete here: a second listing could
@@ -412,6 +417,9 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
     _failpoint("before_manifest")
     sweep_uncommitted(layout, storage, committed, lock.fence)
     manifest = build_manifest(layout, run_info, plan, committed, progress)
+    quality = quality_report(sum_quality(committed.values()), backfill)
+    if quality is not None:
+        manifest["quality"] = quality
     if openai:  # an OpenAI Batch file in, or OpenAI-shaped files out: its counts as a Batch object gives them
         manifest["request_counts"] = request_counts(manifest["counts"])
     _fenced(lock, storage)
@@ -494,7 +502,7 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
                     progress.check()
                     _failpoint("shard_committed")
         openai = backfill.output_format != "parquet" or data.requests_format == "openai_batch"
-        manifest = _finish(layout, storage, run_info, plan, progress, lock, openai)
+        manifest = _finish(layout, storage, run_info, plan, progress, lock, backfill, openai)
     counts = manifest["counts"]
     log.info("backfill %s complete: %d rows (%d ok, %d quarantined, %d filtered) -> %s", backfill.run_id,
              counts["total"], counts["ok"], counts["quarantined"], counts["filtered"], layout.manifest)

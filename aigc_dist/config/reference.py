@@ -17,9 +17,24 @@ BOUNDS = ("ge", "gt", "le", "lt", "min_length", "pattern")
 SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length", "pattern": "matches"}
 
 
+def _without_annotated(text: str) -> str:
+    """`Annotated[str, FieldInfo(...)]` -> `str`: the constraints of list items and dict keys are in the
+    field's description, not readable in its repr."""
+    while (start := text.find("Annotated[")) >= 0:
+        depth, end = 0, start + len("Annotated")
+        for end in range(start + len("Annotated"), len(text)):  # noqa: B007 (end is the closing bracket)
+            depth += {"[": 1, "]": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        inner = text[start + len("Annotated["):end]
+        text = text[:start] + inner.split(",", 1)[0] + text[end + 1:]
+    return text
+
+
 def _type_name(annotation: Any) -> str:
     text = re.sub(r"<class '([\w.]+)'>", r"\1", str(annotation))
-    return text.replace("typing.", "").replace("pydantic.types.", "").replace("NoneType", "None")
+    text = text.replace("typing.", "").replace("pydantic.types.", "").replace("NoneType", "None")
+    return _without_annotated(text)
 
 
 def _default(field: Any) -> Any:

@@ -7,7 +7,7 @@ Unknown keys are rejected (`extra="forbid"`) so a typo never silently falls back
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -247,6 +247,51 @@ class EngineConfig(Section):
     )
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+FeatureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")]
+
+
+class QualityConfig(Section):
+    """How the backfill scores copy against the rows it was written for (the `grounded` and `personalized`
+    columns, `require_item_mention`, the manifest's `quality`): rules of the user's data, none built in."""
+
+    mention_fields: list[FeatureName] = Field(
+        default_factory=lambda: ["title", "category"],
+        description="Item features whose value (a string, or each string of a list), found in the copy ignoring "
+        "case, makes it `grounded`: the copy names the item.",
+    )
+    mention_aliases: dict[FeatureName, dict[str, list[NonEmpty]]] = Field(
+        default_factory=dict,
+        description="field -> value -> other names that count as a mention of that value (localized category "
+        "names, short titles), e.g. {category = {outdoor = [\"户外\"]}}.",
+    )
+    personalization_feature: FeatureName | None = Field(
+        None,
+        description="User feature the copy must reflect to be `personalized` (e.g. segment, interest); None: not "
+        "measured, the column is null.",
+    )
+    phrases: dict[str, dict[str, list[NonEmpty]]] = Field(
+        default_factory=dict,
+        description="locale -> feature value -> phrases that reflect it (the user's locale from locale_feature; "
+        "\"*\" applies to every locale), e.g. {en = {student = [\"campus life\"]}}.",
+    )
+    match_feature_value: bool = Field(
+        True, description="The personalization feature's own value in the copy (e.g. interest \"hiking\") counts."
+    )
+    locale_feature: FeatureName = Field("locale", description="User feature holding the locale for `phrases`.")
+    distinct_n: int = Field(
+        2, ge=1, le=4, description="n of the manifest's distinct-n across users: for each item, distinct n-grams "
+        "/ all n-grams over its copies for different users (1/k when all k users got the same copy)."
+    )
+
+    @model_validator(mode="after")
+    def _personalization_rule(self) -> QualityConfig:
+        if self.phrases and self.personalization_feature is None:
+            raise ValueError("phrases are given but personalization_feature is not set: name the user feature "
+                             "whose values the phrases are keyed by")
+        return self
+
+
 class BackfillConfig(Section):
     """The Ray Data backfill job: what to generate, with how many actors, into which files."""
 
@@ -293,8 +338,11 @@ class BackfillConfig(Section):
     )
     max_chars: int | None = Field(None, ge=1, description="Filter: longest acceptable copy (characters).")
     banned_terms: list[str] = Field(default_factory=list, description="Filter: copy containing any is dropped.")
-    require_item_mention: bool = Field(False, description="Filter: copy must name the item title or category.")
+    require_item_mention: bool = Field(
+        False, description="Filter: copy must mention the item (quality.mention_fields / mention_aliases)."
+    )
     min_chars: int = Field(1, ge=0, description="Filter: shortest acceptable copy (characters); 0 keeps empty copy.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Text mode: how copy is scored.")
     image_label_field: str = Field(
         "item.category",
         pattern=r"^(user|item)\.[A-Za-z0-9_]+$",

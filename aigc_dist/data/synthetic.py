@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from aigc_dist.config import QualityConfig
 from aigc_dist.data.world_vocabulary import (  # noqa: F401  (SEGMENT_PHRASES, CATEGORY_NAMES re-exported)
     AGE_BANDS,
     ATTRIBUTE_NAMES,
@@ -315,6 +316,17 @@ def _copy_column(users: pa.Table, items: pa.Table, user_idx: np.ndarray, item_id
     order = np.empty(len(user_idx), dtype=np.int64)
     order[np.concatenate(positions)] = np.arange(len(user_idx))
     return pa.concat_arrays(pieces).take(pa.array(order))
+
+
+def world_quality() -> QualityConfig:
+    """The synthetic world's quality rules, given like any user's: an item is named by its title or its
+    category in either language; personalization is a phrase of the user's segment in the user's locale."""
+    return QualityConfig(
+        mention_fields=["title", "category"],
+        mention_aliases={"category": {c: sorted({t[c] for t in CATEGORY_NAMES.values()} - {c})
+                                      for c in CATEGORIES}},
+        personalization_feature="segment", phrases=SEGMENT_PHRASES, match_feature_value=False,
+    )
 
 
 def copy_for(user: Mapping[str, Any], item: Mapping[str, Any], seed: int = 0) -> str:

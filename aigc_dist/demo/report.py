@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aigc_dist.data.synthetic import world_quality
 from aigc_dist.demo.console import format_seconds
 from aigc_dist.demo.report_html import render_html
 from aigc_dist.evaluation.text import evaluate_text
@@ -84,7 +85,8 @@ def pick_showcase(data: pa.Table, run: DemoRun, world: WorldLookup) -> list[dict
 
 
 def quality_table(data: pa.Table, world: WorldLookup) -> dict[str, dict[str, float]]:
-    """evaluate_text on the generated copy of trained and held-out pairs, and on the reference copy."""
+    """evaluate_text by the world's quality rules on the generated copy of trained and held-out pairs, and on
+    the reference copy."""
     groups: dict[str, list[tuple[str, str, str]]] = {"trained pairs": [], "held-out pairs": []}
     for row in data.select(["user_id", "item_id", "content"]).to_pylist():
         group = "held-out pairs" if (row["user_id"], row["item_id"]) in world.held_out else "trained pairs"
@@ -93,7 +95,7 @@ def quality_table(data: pa.Table, world: WorldLookup) -> dict[str, dict[str, flo
     table = {}
     for name, rows in groups.items():
         scores = evaluate_text([t for t, _, _ in rows], [world.users[u] for _, u, _ in rows],
-                               [world.items[i] for _, _, i in rows])
+                               [world.items[i] for _, _, i in rows], world_quality())
         table[name] = {**scores, "rows": len(rows)}
     return table
 

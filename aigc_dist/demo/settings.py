@@ -11,6 +11,7 @@ from typing import Any
 
 from aigc_dist.config import AigcConfig, ConfigError, parse_overrides, read_config_file
 from aigc_dist.config.loader import merge, validate_config
+from aigc_dist.data.synthetic import world_quality
 from aigc_dist.storage import join_uri, parse_uri
 
 HERE = Path(__file__).resolve().parent
@@ -91,6 +92,9 @@ def demo_config(output: str, config_file: str | None, overrides: Sequence[str], 
         with TINY_FILE.open("rb") as fh:
             data = merge(data, tomllib.load(fh))
     sizes = DemoSizes(**data.pop("demo"))
+    # The demo's data is the synthetic world: its quality rules, as any user gives theirs (a config file may
+    # still override them).
+    data = merge(data, {"backfill": {"quality": world_quality().model_dump(mode="json")}})
     if config_file is not None:
         data = merge(data, read_config_file(config_file))
     data = merge(data, parse_overrides(overrides))

@@ -1,8 +1,9 @@
 """Text quality measures for generated recommendation copy.
 
-Grounding and personalization are checkable because the synthetic world ties copy to features: the
-reference copy of every (user, item) mentions the item and a phrase of the user's segment, so both
-rates are 1.0 on the reference corpus and near 0 on copy written for another item or segment.
+Grounding (the copy names its item) and personalization (it reflects a feature of its user) follow
+rules of the user's data (`QualityConfig`: which item fields are a mention, which user feature and
+phrases count), never a built-in vocabulary; the demo's synthetic world supplies its own rules
+(`aigc_dist.data.synthetic.world_quality`), under which its reference copy scores 1.0 on both.
 Distinct-n and repetition catch the usual failure of small generators: the same few phrases, loops.
 
 Tokens for n-grams: each CJK character (and CJK / full-width punctuation) is one token, since Chinese
@@ -17,10 +18,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aigc_dist.data.synthetic import CATEGORY_NAMES, SEGMENT_PHRASES
+from aigc_dist.config import QualityConfig
 
 _CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 _TOKEN = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+# No rules of anyone's data: names are the item's title and category, personalization is not measured.
+NO_RULES = QualityConfig()
 
 
 def text_tokens(text: str) -> list[str]:
@@ -43,39 +46,64 @@ def _rate(hits: Sequence[bool]) -> float:
     return sum(hits) / len(hits) if hits else 0.0
 
 
-def is_grounded(text: str, item: Mapping[str, Any],
-                category_names: Mapping[str, Mapping[str, str]] = CATEGORY_NAMES) -> bool:
-    """Whether `text` mentions the item's title or its category (key or any localized name), ignoring case."""
-    folded = text.casefold()
-    category = item.get("category")
-    names = [item.get("title"), category, *(table.get(category) for table in category_names.values())]
+def _strings(value: Any) -> list[str]:
+    """A feature value as the strings it can be named by: a string, or the strings of a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _contains_any(folded: str, names: Sequence[str]) -> bool:
     # Empty names are skipped: "" is in every string.
-    return any(isinstance(n, str) and n and n.casefold() in folded for n in names)
+    return any(n and n.casefold() in folded for n in names)
+
+
+def is_grounded(text: str, item: Mapping[str, Any], rules: QualityConfig = NO_RULES) -> bool:
+    """Whether `text` names the item: the value of one of `rules.mention_fields`, or an alias of that value
+    (`rules.mention_aliases`), ignoring case."""
+    names: list[str] = []
+    for field in rules.mention_fields:
+        values = _strings(item.get(field))
+        aliases = rules.mention_aliases.get(field, {})
+        names += values + [alias for v in values for alias in aliases.get(v, ())]
+    return _contains_any(text.casefold(), names)
 
 
 def grounding_rate(texts: Sequence[str], items: Sequence[Mapping[str, Any]],
-                   category_names: Mapping[str, Mapping[str, str]] = CATEGORY_NAMES) -> float:
-    """Share of texts that mention their item's title or category (see is_grounded)."""
+                   rules: QualityConfig = NO_RULES) -> float:
+    """Share of texts that name their item (see is_grounded)."""
     _check_aligned(texts, items, "item")
-    return _rate([is_grounded(t, i, category_names) for t, i in zip(texts, items, strict=True)])
+    return _rate([is_grounded(t, i, rules) for t, i in zip(texts, items, strict=True)])
 
 
-def is_personalized(text: str, user: Mapping[str, Any],
-                    phrases: Mapping[str, Mapping[str, Sequence[str]]] = SEGMENT_PHRASES) -> bool:
-    """Whether `text` has a phrase of the user's segment in the user's locale (ignoring case).
+def is_personalized(text: str, user: Mapping[str, Any], rules: QualityConfig = NO_RULES) -> bool | None:
+    """Whether `text` reflects the user's `rules.personalization_feature`: a phrase listed for its value in the
+    user's locale (or under "*"), or the value itself when `match_feature_value`; None without a rule.
 
-    A user whose locale or segment has no phrases counts as not personalized.
+    A user whose feature has no phrases (and whose value is not matched) counts as not personalized.
     """
-    folded = text.casefold()
-    candidates = phrases.get(user.get("locale"), {}).get(user.get("segment"), ())
-    return any(p and p.casefold() in folded for p in candidates)
+    feature = rules.personalization_feature
+    if feature is None:
+        return None
+    values = _strings(user.get(feature))
+    by_locale = [rules.phrases.get(locale, {}) for locale in ("*", user.get(rules.locale_feature))
+                 if isinstance(locale, str)]
+    candidates = [p for table in by_locale for v in values for p in table.get(v, ())]
+    if rules.match_feature_value:
+        candidates += values
+    return _contains_any(text.casefold(), candidates)
 
 
 def personalization_rate(texts: Sequence[str], users: Sequence[Mapping[str, Any]],
-                         phrases: Mapping[str, Mapping[str, Sequence[str]]] = SEGMENT_PHRASES) -> float:
-    """Share of texts carrying a phrase tied to their user's segment, in the user's locale."""
+                         rules: QualityConfig = NO_RULES) -> float | None:
+    """Share of texts that reflect their user's personalization feature (see is_personalized); None without
+    a rule."""
     _check_aligned(texts, users, "user")
-    return _rate([is_personalized(t, u, phrases) for t, u in zip(texts, users, strict=True)])
+    if rules.personalization_feature is None:
+        return None
+    return _rate([bool(is_personalized(t, u, rules)) for t, u in zip(texts, users, strict=True)])
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -107,11 +135,11 @@ def perplexity(loss: float) -> float:
 
 
 def evaluate_text(texts: Sequence[str], users: Sequence[Mapping[str, Any]],
-                  items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """All text measures for aligned texts, users and items, against the synthetic world's tables."""
+                  items: Sequence[Mapping[str, Any]], rules: QualityConfig = NO_RULES) -> dict[str, float | None]:
+    """All text measures for aligned texts, users and items, by the given rules of their data."""
     return {
-        "grounding_rate": grounding_rate(texts, items),
-        "personalization_rate": personalization_rate(texts, users),
+        "grounding_rate": grounding_rate(texts, items, rules),
+        "personalization_rate": personalization_rate(texts, users, rules),
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "repetition_rate": repetition_rate(texts),

@@ -19,8 +19,8 @@ from aigc_dist.batch.shards import row_seed
 from aigc_dist.cli import main
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
-from aigc_dist.evaluation.text import grounding_rate
+from aigc_dist.data.synthetic import WorldConfig, make_world, world_quality, write_world
+from aigc_dist.evaluation.text import distinct_n, grounding_rate, is_grounded, is_personalized
 from aigc_dist.storage import Storage, join_uri
 
 pytestmark = pytest.mark.slow
@@ -66,10 +66,12 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
     # for the 1,000 pairs of users the model never saw in training.
     items = {i["item_id"]: i for i in world.items.to_pylist()}
     assert all(r["content"].strip() for r in rows)
-    assert grounding_rate([r["content"] for r in rows], [items[r["item_id"]] for r in rows]) >= 0.9
+    world_rules = world_quality()
+    assert grounding_rate([r["content"] for r in rows], [items[r["item_id"]] for r in rows], world_rules) >= 0.9
     unseen = [r for r in rows if r["user_id"] in trained_copy_model.held_out_users]
     assert len(unseen) >= 900
-    assert grounding_rate([r["content"] for r in unseen], [items[r["item_id"]] for r in unseen]) >= 0.9
+    assert grounding_rate([r["content"] for r in unseen], [items[r["item_id"]] for r in unseen],
+                          world_rules) >= 0.9
 
     # One data file per shard (8 shards of 250 rows), each listed with its true size; nothing unlisted.
     listed = manifest["files"]["data"] + manifest["files"]["errors"]
@@ -89,13 +91,13 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
 
 
 
-def _expected_filter(row: dict, min_chars: int, banned: str) -> str | None:
+def _expected_filter(content: str, grounded: bool, min_chars: int, banned: str) -> str | None:
     """The rule a copy breaks, in the order the filters apply them (none: it belongs in data/)."""
-    if len(row["content"].strip()) < min_chars:
+    if len(content.strip()) < min_chars:
         return "shorter than min_chars"
-    if banned.casefold() in row["content"].casefold():
+    if banned.casefold() in content.casefold():
         return "contains banned term"
-    if not row["grounded"]:
+    if not grounded:
         return "does not mention the item"
     return None
 
@@ -103,10 +105,11 @@ def _expected_filter(row: dict, min_chars: int, banned: str) -> str | None:
 @pytest.mark.timeout(1500)  # with the shared model's training when run alone
 def test_quality_filters_move_exactly_the_rows_that_break_them_to_errors(ray_local, tmp_path, kit,
                                                                          trained_copy_model):
-    """A run without filters, then the same run with min_chars, banned_terms and require_item_mention set
-    from its copy (a length and a word that some rows have and others lack): every row that breaks a
-    rule is in errors/ under stage "filter" with that rule and its copy, every other row is in data/ with
-    the same copy."""
+    """A run without filters or quality rules, then the same run with the world's rules and min_chars,
+    banned_terms and require_item_mention set from its copy (a length and a word that some rows have and
+    others lack): every row that breaks a rule is in errors/ under stage "filter" with that rule and its
+    copy, every other row is in data/ with the same copy. The quality columns and the manifest's quality
+    follow the rules each run was given: no built-in vocabulary."""
     everyone = make_world(trained_copy_model.world)
     last_users = pa.array([u["user_id"] for u in everyone.users.to_pylist()[-20:]])
     world = dataclasses.replace(everyone, candidates=everyone.candidates.filter(
@@ -117,27 +120,52 @@ def test_quality_filters_move_exactly_the_rows_that_break_them_to_errors(ray_loc
     # item by then, copy that opens "Meet the <title>" has not finished the title; Chinese copy is fewer
     # characters for the same bytes.
     settings = {"rows_per_file": 1000, "max_new_tokens": 20, "temperature": 0.0}
-    run_backfill(kit.config(str(tmp_path), trained_copy_model.artifact, run_id="unfiltered", min_chars=0,
-                            **settings), data, StorageConfig())
+    manifest_unfiltered = run_backfill(kit.config(str(tmp_path), trained_copy_model.artifact, run_id="unfiltered",
+                                                  min_chars=0, **settings), data, StorageConfig())
     unfiltered, none_dropped = read_output(str(tmp_path / "unfiltered"))
     assert unfiltered.num_rows == 200 and none_dropped.num_rows == 0
     rows = {r["request_id"]: r for r in unfiltered.to_pylist()}
+    users = {u["user_id"]: u for u in world.users.to_pylist()}
+    items = {i["item_id"]: i for i in world.items.to_pylist()}
+    world_rules = world_quality()
+    # Without rules, personalization is not measured and only the item's own title or category names it.
+    assert all(r["personalized"] is None for r in rows.values())
+    assert all(r["grounded"] == is_grounded(r["content"], items[r["item_id"]]) for r in rows.values())
+    grounded = {rid: is_grounded(r["content"], items[r["item_id"]], world_rules) for rid, r in rows.items()}
+    assert any(grounded[rid] and not r["grounded"] for rid, r in rows.items()), \
+        "no copy names its item only by the world's aliases (Chinese category names): the rules would be untested"
+    quality = manifest_unfiltered["quality"]
+    assert quality["scored"] == 200 and quality["personalized_rate"] is None
+    assert quality["grounded_rate"] == pytest.approx(sum(r["grounded"] for r in rows.values()) / 200)
+    assert quality["length_compliance_rate"] == 1.0 and quality["banned_term_rate"] == 0.0
+    # Distinct-n across users of one item, on the same copy: every item with copies for two users or more.
+    by_item: dict[str, list[str]] = {}
+    for r in rows.values():
+        by_item.setdefault(r["item_id"], []).append(r["content"])
+    shared = {item: copies for item, copies in by_item.items() if len(copies) >= 2}  # one shard: all of it
+    across = quality["distinct_across_users"]
+    assert across["item_groups"] == len(shared) > 0
+    assert across["mean"] == pytest.approx(sum(distinct_n(c, 2) for c in shared.values()) / len(shared))
+    assert across["same_copy_for_all"] == sum(len(set(c)) == 1 for c in shared.values())
     lengths = sorted(len(r["content"].strip()) for r in rows.values())
     min_chars = lengths[len(lengths) // 4] + 1  # about a quarter of the copy is shorter
     words = Counter(w for r in rows.values() for w in set(r["content"].casefold().split()) if len(w) >= 4)
     banned = next(w for w, n in words.most_common() if n <= len(rows) // 3)  # common, yet in a third at most
-    expected = {rid: _expected_filter(r, min_chars, banned) for rid, r in rows.items()}
+    expected = {rid: _expected_filter(r["content"], grounded[rid], min_chars, banned) for rid, r in rows.items()}
     for rule in ("shorter than min_chars", "contains banned term", "does not mention the item"):
         assert rule in expected.values(), f"no copy breaks {rule!r}: the test would prove nothing of it"
     assert None in expected.values()
 
     manifest = run_backfill(kit.config(str(tmp_path), trained_copy_model.artifact, run_id="filtered",
                                        min_chars=min_chars, banned_terms=[banned.upper()],
-                                       require_item_mention=True, **settings), data, StorageConfig())
+                                       require_item_mention=True, quality=world_rules, **settings),
+                            data, StorageConfig())
     kept, dropped = read_output(str(tmp_path / "filtered"))
     assert sorted(kept["request_id"].to_pylist()) == sorted(k for k, rule in expected.items() if rule is None)
     for row in kept.to_pylist():
         assert row["content"] == rows[row["request_id"]]["content"]  # the same copy, only kept or not
+        assert row["grounded"] and row["personalized"] == is_personalized(row["content"], users[row["user_id"]],
+                                                                          world_rules)
     assert dropped.num_rows == sum(rule is not None for rule in expected.values())
     for error in dropped.to_pylist():
         rule = expected[error["request_id"]]
@@ -145,6 +173,13 @@ def test_quality_filters_move_exactly_the_rows_that_break_them_to_errors(ray_loc
         assert error["content"] == rows[error["request_id"]]["content"]  # the copy is kept for inspection
     counts = manifest["counts"]
     assert counts["filtered"] == dropped.num_rows and counts["ok"] == kept.num_rows and counts["quarantined"] == 0
+    # The manifest's rates cover every generated copy, the filtered ones too: they are what the filters measure.
+    quality, copy = manifest["quality"], [r["content"] for r in rows.values()]
+    assert quality["scored"] == 200 and quality["grounded_rate"] == pytest.approx(sum(grounded.values()) / 200)
+    assert quality["personalized_rate"] == pytest.approx(sum(
+        is_personalized(r["content"], users[r["user_id"]], world_rules) for r in rows.values()) / 200)
+    assert quality["length_compliance_rate"] == pytest.approx(sum(len(c.strip()) >= min_chars for c in copy) / 200)
+    assert quality["banned_term_rate"] == pytest.approx(sum(banned in c.casefold() for c in copy) / 200)
 
 
 def _jsonl(path: Path, lines: list[bytes]) -> str:

@@ -63,6 +63,15 @@ def test_tiny_demo_runs_every_stage_and_writes_a_report(tmp_path: Path) -> None:
     assert "unknown user 'u-not-a-user'" in reasons and "unknown item 'i-not-an-item'" in reasons
     for entry in manifest["files"]["data"] + manifest["files"]["errors"]:
         assert (root / entry["path"]).stat().st_size == entry["bytes"]
+    # The demo scores its copy by the synthetic world's rules, given as any user gives theirs.
+    quality = manifest["quality"]
+    assert quality["rules"] == {"mention_fields": ["title", "category"], "personalization_feature": "segment"}
+    assert quality["scored"] == counts["ok"] + counts["filtered"] and data["personalized"].null_count == 0
+    # The rate covers the kept copy and the filtered copy: at least the kept personalized rows, at most those
+    # plus every filtered one.
+    personalized = round(quality["personalized_rate"] * quality["scored"])
+    kept = sum(data["personalized"].to_pylist())
+    assert kept <= personalized <= kept + counts["filtered"]  # the tiny demo's model may personalize none
 
     # Training checkpointed and exported; Serve answered as the backfill wrote.
     assert list((out / "runs" / "demo-copy-lm").glob("checkpoint_*"))

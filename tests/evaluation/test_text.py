@@ -1,4 +1,5 @@
-"""Text measures: perfect on the reference corpus, ~0 on mismatched or random text, exact on hand cases."""
+"""Text measures: perfect on the reference corpus (by the world's rules), ~0 on mismatched or random text,
+exact on hand cases; grounding and personalization follow the rules given, none built in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import random
 
 import pytest
 
-from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.config import QualityConfig
+from aigc_dist.data.synthetic import WorldConfig, make_world, world_quality
 from aigc_dist.evaluation.text import (
     distinct_n,
     evaluate_text,
@@ -17,6 +19,8 @@ from aigc_dist.evaluation.text import (
     repetition_rate,
     text_tokens,
 )
+
+WORLD = world_quality()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def corpus() -> tuple[list[str], list[dict], list[dict]]:
 
 def test_reference_corpus_is_fully_grounded_and_personalized(corpus) -> None:
     texts, users, items = corpus
-    scores = evaluate_text(texts, users, items)
+    scores = evaluate_text(texts, users, items, WORLD)
     assert scores["grounding_rate"] == 1.0 and scores["personalization_rate"] == 1.0
     assert scores["repetition_rate"] == 0.0 and scores["empty_rate"] == 0.0
     assert 0.0 < scores["distinct_1"] < scores["distinct_2"] < 1.0
@@ -50,12 +54,12 @@ def test_copy_written_for_another_segment_is_not_personalized(corpus) -> None:
     # Same locale, other segment: only the segment phrase can tell them apart.
     shuffled = _shuffled(texts, users,
                          lambda u, v: u["locale"] == v["locale"] and u["segment"] != v["segment"])
-    assert personalization_rate(shuffled, users) < 0.02
+    assert personalization_rate(shuffled, users, WORLD) < 0.02
 
 
 def test_copy_written_for_another_category_is_not_grounded(corpus) -> None:
     texts, _, items = corpus
-    assert grounding_rate(_shuffled(texts, items, lambda i, j: i["category"] != j["category"]), items) < 0.02
+    assert grounding_rate(_shuffled(texts, items, lambda i, j: i["category"] != j["category"]), items, WORLD) < 0.02
 
 
 def test_random_strings_score_zero(corpus) -> None:
@@ -63,17 +67,57 @@ def test_random_strings_score_zero(corpus) -> None:
     rng = random.Random(1)
     alphabet = "abcdefghij klmnop 你好世界背包 "
     noise = ["".join(rng.choice(alphabet) for _ in range(60)) for _ in users]
-    assert grounding_rate(noise, items) == 0.0 and personalization_rate(noise, users) == 0.0
+    assert grounding_rate(noise, items, WORLD) == 0.0 and personalization_rate(noise, users, WORLD) == 0.0
 
 
 def test_matching_ignores_case_and_accepts_chinese_category_names() -> None:
     item = {"title": "Aurora Trail Backpack", "category": "outdoor"}
     texts = ["THE AURORA TRAIL BACKPACK!", "户外精选", "Outdoor gear", "a backpack"]
-    assert grounding_rate(texts, [item] * 4) == 0.75
+    assert grounding_rate(texts, [item] * 4, WORLD) == 0.75
     user = {"segment": "student", "locale": "en"}
-    assert personalization_rate(["Perfect For Campus Life.", "perfect for the office"], [user] * 2) == 0.5
-    assert personalization_rate(["perfect for campus life"], [{"segment": "student", "locale": "fr"}]) == 0.0
-    assert grounding_rate(["anything"], [{"title": "", "category": None}]) == 0.0
+    assert personalization_rate(["Perfect For Campus Life.", "perfect for the office"], [user] * 2, WORLD) == 0.5
+    assert personalization_rate(["perfect for campus life"], [{"segment": "student", "locale": "fr"}], WORLD) == 0.0
+    assert grounding_rate(["anything"], [{"title": "", "category": None}], WORLD) == 0.0
+
+
+def test_without_rules_nothing_of_the_demo_world_counts() -> None:
+    """The default rules know no vocabulary: the item's own title and category name it, a Chinese category
+    name is not a mention, and personalization is not measured (None, not a false 0)."""
+    item = {"title": "Aurora Trail Backpack", "category": "outdoor"}
+    texts = ["THE AURORA TRAIL BACKPACK!", "户外精选", "Outdoor gear"]
+    assert grounding_rate(texts, [item] * 3) == pytest.approx(2 / 3)
+    user = {"segment": "student", "locale": "en"}
+    assert personalization_rate(["perfect for campus life"], [user]) is None
+    assert evaluate_text(["perfect for campus life"], [user], [item])["personalization_rate"] is None
+
+
+def test_rules_of_a_users_own_catalog() -> None:
+    """A catalog the demo does not know: the brand names the item, the user's interest (its own value, or a
+    phrase listed for it in the user's locale or under "*") personalizes the copy."""
+    rules = QualityConfig(mention_fields=["brand", "tags"], mention_aliases={"brand": {"Nordlys": ["北极光"]}},
+                          personalization_feature="interest",
+                          phrases={"*": {"climbing": ["on the wall"]}, "de": {"climbing": ["am Fels"]}})
+    item = {"title": "X-200", "brand": "Nordlys", "tags": ["rope", "harness"], "category": "outdoor"}
+    assert grounding_rate(["Nordlys rope", "北极光 新品", "a new HARNESS", "X-200 outdoor"], [item] * 4,
+                          rules) == 0.75  # title and category are not mention fields here
+    climber = {"interest": "climbing", "locale": "de"}
+    texts = ["for climbing days", "stark am Fels", "great on the wall", "for runners"]
+    assert personalization_rate(texts, [climber] * 4, rules) == 0.75
+    # another locale does not get the German phrase; without match_feature_value the bare value does not count
+    english = {"interest": "climbing", "locale": "en"}
+    assert personalization_rate(["stark am Fels"], [english], rules) == 0.0
+    strict = rules.model_copy(update={"match_feature_value": False})
+    assert personalization_rate(["for climbing days", "great on the wall"], [climber] * 2, strict) == 0.5
+    assert personalization_rate(["anything"], [{"locale": "de"}], rules) == 0.0  # the user lacks the feature
+
+
+def test_bad_quality_rules_name_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="personalization_feature"):
+        QualityConfig(phrases={"en": {"student": ["campus life"]}})
+    with pytest.raises(ValueError, match="phrases"):
+        QualityConfig(personalization_feature="segment", phrases={"en": {"student": [""]}})
+    with pytest.raises(ValueError, match="mention_fields"):
+        QualityConfig(mention_fields=["item title"])
 
 
 def test_distinct_n_on_hand_made_examples() -> None:
@@ -105,6 +149,6 @@ def test_perplexity() -> None:
 def test_misaligned_inputs_are_rejected(corpus) -> None:
     texts, users, items = corpus
     with pytest.raises(ValueError, match="one item per text"):
-        grounding_rate(texts, items[:-1])
+        grounding_rate(texts, items[:-1], WORLD)
     with pytest.raises(ValueError, match="one user per text"):
         evaluate_text(texts[:-1], users, items[:-1])

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from aigc_dist.data.prompts import encode_example, encode_prompt
-from aigc_dist.data.synthetic import make_world
+from aigc_dist.data.synthetic import make_world, world_quality
 from aigc_dist.engine.decode import DecodeRequest, decode_stream
 from aigc_dist.evaluation.text import evaluate_text, perplexity
 from aigc_dist.models.artifact import load_artifact
@@ -70,7 +70,7 @@ def score(model: LlamaLM, records: list[Record], template, temperature: float = 
     requests = [DecodeRequest(p, MAX_NEW_TOKENS, temperature, seed=s) for s, p in enumerate(prompts)]
     finished = dict(decode_stream(model.eval(), requests, slots=64, eos_ids=[TOK.eos_id]))
     outputs = [finished[i] for i in range(len(requests))]
-    scores = evaluate_text([TOK.decode(ids) for ids in outputs], users, items)
+    scores = evaluate_text([TOK.decode(ids) for ids in outputs], users, items, world_quality())
     examples = [encode_example(u, i, c, template, TOK, MODEL.max_position_embeddings) for u, i, c in records]
     model.eval()
     with torch.no_grad():
