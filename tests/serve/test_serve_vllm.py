@@ -7,6 +7,7 @@ Serve kit's 32-wide LMs lack); the reconfigure target is the same architecture, 
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,17 @@ def _held_out_bodies(model: Any, n: int, **sampling: Any) -> list[dict[str, Any]
     pairs = [c for c in world.candidates.to_pylist() if c["user_id"] in model.held_out_users][:n]
     return [{"user": users[c["user_id"]], "item": items[c["item_id"]], "seed": k, **sampling}
             for k, c in enumerate(pairs)]
+
+
+def _streamed_text(url: str, model_id: str, body: dict[str, Any]) -> str:
+    """The text of a streamed greedy completion of `body`'s (user, item), its SSE chunks joined."""
+    answer = requests.post(f"{url}/v1/completions", stream=True, timeout=120, json={
+        "model": model_id, "max_tokens": body["max_new_tokens"], "temperature": 0, "seed": body["seed"],
+        "stream": True, "aigc": {"user": body["user"], "item": body["item"]}})
+    assert answer.status_code == 200, answer.text[:300]
+    events = [line[len(b"data: "):] for line in answer.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    return "".join(choice["text"] for event in events[:-1] for choice in json.loads(event)["choices"])
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +90,17 @@ def test_a_vllm_replica_batches_and_answers_with_the_native_greedy_copy(serve_cl
         assert len(differ) <= 0.05 * len(bodies), differ  # greedy, fp32: the native copy but for near-ties
         assert all(s["num_tokens"] == e.num_tokens for e, s in zip(expected, served, strict=True)
                    if e.text == s["content"])
+
+        # Streams on a vLLM replica (the OpenAI route, the same prompt through the aigc extension): the chunks
+        # of each reassemble to its /v1/generate copy; they decode per group of arrivals on the offline engine.
+        model_id = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        streamed_before = _stats(url)
+        with ThreadPoolExecutor(4) as pool:
+            streamed = list(pool.map(lambda b: _streamed_text(url, model_id, b), bodies[:4]))
+        assert streamed == [s["content"] for s in served[:4]]
+        streamed_after = _stats(url)
+        steps = streamed_after["stream_steps"] - streamed_before.get("stream_steps", 0)
+        assert streamed_after["stream_rows"] - streamed_before.get("stream_rows", 0) == 4 and 1 <= steps <= 4
 
         # A request the engine refuses (over the model's context) is a 422 naming it, as on the native engine.
         too_long = serve_kit.post(f"{url}/v1/generate", {"requests": [{**bodies[0], "max_new_tokens": 250}]})
