@@ -344,9 +344,9 @@ def trained_copy_model(copy_world: CopyWorld, tmp_path_factory: pytest.TempPathF
     from aigc_dist.engine.text import prompt_conditioning
     from aigc_dist.models.artifact import save_text_artifact
     from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
-    from aigc_dist.models.lm_train import train_lm
     from aigc_dist.models.tokenizer import byte_level_tokenizer
     from aigc_dist.storage import Storage
+    from aigc_dist.train.local import train_lm
 
     template, held_out = copy_world.template, copy_world.held_out_users
     tokenizer, config = byte_level_tokenizer(), lm_config_from_preset("mini")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from aigc_dist.config import ConfigError, DeepSpeedConfig, TrainConfig
-from aigc_dist.models.lm_train import warmup_cosine
+from aigc_dist.train.optim import warmup_cosine
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -40,7 +40,7 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int
     """The DeepSpeed JSON config for one engine of a run with `world_size` data-parallel ranks.
 
     Batch: `train_batch_size` = micro_batch_size x grad_accum_steps x world_size (DeepSpeed checks
-    the three agree). Optimizer: AdamW with our lr, betas and weight decay (its groups: `parameter_groups`);
+    the three agree). Optimizer: AdamW with our lr, betas and weight decay (its groups: `optim.parameter_groups`);
     on CPU it is `torch.optim.AdamW` (DeepSpeed's fused Adam is CUDA-only), on GPU DeepSpeed's fused or, with
     optimizer offload, CPU Adam. ZeRO: the stage, optional CPU offload of optimizer state (stage >= 1)
     and parameters (stage 3), and the ZeRO-3 persistence threshold.
@@ -76,17 +76,6 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int
         "wall_clock_breakdown": False,
     }
     return config
-
-
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The module's trainable parameters as `deepspeed.initialize(model_parameters=...)` takes them, in
-    nanoGPT's two groups: weight decay on matrices (Linear, embedding, conv weights), none on biases and
-    norm gains, whose decay only pulls them off their useful values. Frozen parameters (LoRA's base
-    weights) are left out: the optimizer keeps no state for them."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
-    return [group for group in groups if group["params"]]  # an empty group would still get ZeRO buffers
 
 
 def lr_scheduler_factory(train: TrainConfig) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:

@@ -1,9 +1,11 @@
-"""How each generator family trains under DeepSpeed: its modules, its data, one step, its artifact.
+"""How each generator family trains: its modules, its data, one step, its artifact.
 
 A recipe knows nothing of Ray Train's loop, checkpoints or logging (that is `loop.py`); the loop
-knows nothing of what a batch means. The maths is the single-process code's: `lm_loss` for text,
-`elbo_loss` for the cVAE, and `cgan_train_step`'s losses for the cGAN, here stepped through
-DeepSpeed engines (`engine.backward`, `engine.step`) instead of plain optimizers.
+knows nothing of what a batch means. Each family's step is written once (`lm_step`, `cgan_step`,
+`cvae_step`) against the three calls it makes of what it trains (forward, `backward`, `step`): a
+DeepSpeed engine under Ray Train, or `local.PlainEngine` (a module and its optimizer) in the
+single-process loops that tests and quick experiments run. The losses are the models' own
+(`models/losses.py` for text, `cvae.elbo_loss`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from aigc_dist.models.cgan import CGANConfig, Discriminator, Generator
 from aigc_dist.models.cvae import CVAE, CVAEConfig, elbo_loss
 from aigc_dist.models.hf_format import load_checkpoint
 from aigc_dist.models.llama import LM_PRESETS, LlamaLM, LMConfig, lm_config_from_preset
-from aigc_dist.models.lm_train import collate_examples, lm_loss
 from aigc_dist.models.lora import add_lora
+from aigc_dist.models.losses import collate_examples, lm_loss
 from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage
 from aigc_dist.train.datasets import image_dataset, lm_dataset, prompt_template
@@ -72,6 +74,83 @@ class Recipe(Protocol):
     def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult: ...
 
     def artifact_spec(self) -> dict[str, Any]: ...
+
+
+class Trainee(Protocol):
+    """What a step trains: a DeepSpeed engine, or `local.PlainEngine`; both forward like their module."""
+
+    module: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+def lm_step(model: Trainee, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimizer step of the LM on a collated batch; its copy cross-entropy."""
+    loss = lm_loss(model, tensors)
+    model.backward(loss)
+    model.step()
+    return loss
+
+
+def cvae_step(model: Trainee, images: torch.Tensor, labels: torch.Tensor, kl_weight: float,
+              features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One negative-ELBO step on images in [0, 1]; the per-image loss terms (total, reconstruction, kl)."""
+    logits, mu, logvar = model(images, labels, features)
+    losses = elbo_loss(logits.float(), images.float(), mu.float(), logvar.float(), beta=kl_weight)
+    model.backward(losses["total"])
+    model.step()
+    return losses
+
+
+def cgan_step(gen: Trainee, disc: Trainee, images: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
+              features: torch.Tensor | None = None) -> dict[str, float]:
+    """One discriminator step then one generator step on real images in [0, 1] and noise z [N, z_dim].
+
+    Fakes are drawn for the batch's own conditions, so the discriminator compares real and fake at
+    equal label frequencies. The generator uses the non-saturating loss (maximise log D(G(z))), which
+    keeps its gradients alive while the discriminator is winning. Returns both losses and the
+    discriminator's mean probabilities on real and fake images.
+    """
+    real = images * 2.0 - 1.0  # [0, 1] -> the generator's Tanh range [-1, 1]
+    fake = gen(z, labels, features)  # [N, C, H, W]
+
+    logits_real = disc(real, labels, features).float()  # [N]
+    logits_fake = disc(fake.detach(), labels, features).float()  # [N]
+    loss_d = F.binary_cross_entropy_with_logits(
+        logits_real, torch.ones_like(logits_real)
+    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    disc.backward(loss_d)
+    disc.step()
+
+    with _frozen(disc.module):
+        logits_gen = disc(fake, labels, features).float()  # [N]
+    loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+    gen.backward(loss_g)
+    gen.step()
+    return {
+        "loss_d": loss_d.item(),
+        "loss_g": loss_g.item(),
+        "d_real": torch.sigmoid(logits_real).mean().item(),
+        "d_fake": torch.sigmoid(logits_fake).mean().item(),
+    }
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """No gradients for `module` inside: the generator's loss must not touch the discriminator's
+    gradients (DeepSpeed reduces gradients from hooks the moment they are produced)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def lm_batch_tensors(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -149,11 +228,8 @@ class LMRecipe:
                           self.template)
 
     def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
-        engine = engines["model"]
         tensors = {k: v.to(device) for k, v in lm_batch_tensors(batch, self.pad_id).items()}
-        loss = lm_loss(engine, tensors)
-        engine.backward(loss)
-        engine.step()
+        loss = lm_step(engines["model"], tensors)
         tokens = int(np.sum(batch["num_tokens"])) - len(batch["num_tokens"])  # inputs, after the shift
         return StepResult(loss=loss.item(), samples=len(batch["num_tokens"]), tokens=tokens)
 
@@ -236,31 +312,13 @@ class CVAERecipe(_ImageRecipe):
         return {"model": CVAE(self.config)}
 
     def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
-        engine = engines["model"]
         images, labels = self._batch(batch, device)
-        logits, mu, logvar = engine(images, labels)
-        losses = elbo_loss(logits.float(), images.float(), mu.float(), logvar.float(), beta=self.train.kl_weight)
-        engine.backward(losses["total"])
-        engine.step()
+        losses = cvae_step(engines["model"], images, labels, self.train.kl_weight)
         return StepResult(
             loss=losses["total"].item(),
             samples=images.shape[0],
             extra={"reconstruction": losses["reconstruction"].item(), "kl": losses["kl"].item()},
         )
-
-
-@contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
-    """No gradients for `module` inside: the generator's loss must not touch the discriminator's
-    gradients (DeepSpeed reduces gradients from hooks the moment they are produced)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 class CGANRecipe(_ImageRecipe):
@@ -275,34 +333,10 @@ class CGANRecipe(_ImageRecipe):
         return {"generator": Generator(self.config), "discriminator": Discriminator(self.config)}
 
     def step(self, engines: dict[str, Any], batch: dict[str, np.ndarray], device: torch.device) -> StepResult:
-        gen, disc = engines["generator"], engines["discriminator"]
         images, labels = self._batch(batch, device)
-        real = images * 2.0 - 1.0  # [0, 1] -> the generator's Tanh range [-1, 1]
         z = torch.randn(images.shape[0], self.config.z_dim, device=device, dtype=self.dtype)  # [N, z_dim]
-        fake = gen(z, labels)  # [N, C, H, W]
-
-        logits_real = disc(real, labels).float()  # [N]
-        logits_fake = disc(fake.detach(), labels).float()  # [N]
-        loss_d = F.binary_cross_entropy_with_logits(
-            logits_real, torch.ones_like(logits_real)
-        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-        disc.backward(loss_d)
-        disc.step()
-
-        with _frozen(disc.module):
-            logits_gen = disc(fake, labels).float()  # [N]
-        loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
-        gen.backward(loss_g)
-        gen.step()
-        return StepResult(
-            loss=loss_g.item(),
-            samples=images.shape[0],
-            extra={
-                "loss_d": loss_d.item(),
-                "d_real": torch.sigmoid(logits_real).mean().item(),
-                "d_fake": torch.sigmoid(logits_fake).mean().item(),
-            },
-        )
+        metrics = cgan_step(engines["generator"], engines["discriminator"], images, labels, z)
+        return StepResult(loss=metrics.pop("loss_g"), samples=images.shape[0], extra=metrics)
 
 
 def _dataset_uri(train: TrainConfig) -> str:

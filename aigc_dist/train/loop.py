@@ -31,14 +31,10 @@ from aigc_dist.train.checkpoints import (
     checkpoint_dir_name,
     verify_checkpoint_files,
 )
-from aigc_dist.train.deepspeed_config import (
-    deepspeed_config,
-    lr_scheduler_factory,
-    parameter_groups,
-    resolve_precision,
-)
+from aigc_dist.train.deepspeed_config import deepspeed_config, lr_scheduler_factory, resolve_precision
 from aigc_dist.train.export import artifact_metadata, artifact_uri, gathered_state_dict, save_trained_artifact
 from aigc_dist.train.generators import Recipe, StepResult, make_recipe
+from aigc_dist.train.optim import parameter_groups
 
 log = logging.getLogger("aigc_dist.train")
 

@@ -26,7 +26,7 @@ from aigc_dist.engine.decode import DecodeRequest, decode_stream
 from aigc_dist.evaluation.text import evaluate_text, perplexity
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
-from aigc_dist.models.lm_train import collate_examples, lm_loss
+from aigc_dist.models.losses import collate_examples, lm_loss
 from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage
 

@@ -7,7 +7,7 @@ import torch
 from aigc_dist.data.digits import load_digits_split
 from aigc_dist.evaluation.images import evaluate_images
 from aigc_dist.models.cgan import CGANConfig, Discriminator, Generator
-from aigc_dist.models.image_train import ImageTrainConfig, cgan_optimizers, cgan_train_step, train_cgan
+from aigc_dist.train.local import ImageTrainConfig, cgan_optimizers, cgan_train_step, train_cgan
 
 
 def tiny(**overrides) -> CGANConfig:

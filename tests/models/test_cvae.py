@@ -7,7 +7,7 @@ import torch
 from aigc_dist.data.digits import load_digits_split
 from aigc_dist.evaluation.images import evaluate_images
 from aigc_dist.models.cvae import CVAE, CVAEConfig, elbo_loss
-from aigc_dist.models.image_train import ImageTrainConfig, cvae_optimizer, cvae_train_step, train_cvae
+from aigc_dist.train.local import ImageTrainConfig, cvae_optimizer, cvae_train_step, train_cvae
 
 
 def tiny(**overrides) -> CVAEConfig:

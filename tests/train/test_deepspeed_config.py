@@ -8,8 +8,8 @@ import torch
 from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedParsed
 
 from aigc_dist.config import ConfigError, DeepSpeedConfig, TrainConfig, load_config
-from aigc_dist.models.lm_train import warmup_cosine
 from aigc_dist.train.deepspeed_config import deepspeed_config, lr_scheduler_factory, resolve_precision
+from aigc_dist.train.optim import warmup_cosine
 
 
 def mapped(world_size: int = 1, on_gpu: bool = False, train: dict | None = None, **ds: object) -> dict:
@@ -115,7 +115,7 @@ def test_schedule_is_warmup_then_cosine_to_the_floor():
 def test_weight_decay_falls_on_matrices_only_and_frozen_weights_stay_out():
     from aigc_dist.models.llama import LlamaLM, lm_config_from_preset
     from aigc_dist.models.lora import add_lora
-    from aigc_dist.train.deepspeed_config import parameter_groups
+    from aigc_dist.train.optim import parameter_groups
 
     model = LlamaLM(lm_config_from_preset("tiny"))
     decay, no_decay = parameter_groups(model, 0.1)

@@ -1,4 +1,4 @@
-"""Training helpers of the text generator: batching and the learning-rate schedule."""
+"""Training helpers of the text generator: batching, the loss's batch format, the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import itertools
 
 import pytest
 
-from aigc_dist.models.lm_train import collate_examples, length_grouped_batches, warmup_cosine
+from aigc_dist.models.losses import collate_examples
+from aigc_dist.train.local import length_grouped_batches
+from aigc_dist.train.optim import warmup_cosine
 
 
 def test_length_grouped_batches_are_full_cover_every_example_and_group_lengths():

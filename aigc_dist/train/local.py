@@ -1,21 +1,114 @@
-"""Plain single-process PyTorch training for the conditional image generators.
+"""Single-process training: the recipes' steps (`generators.py`) on plain PyTorch optimizers.
 
-The per-step functions (`cgan_train_step`, `cvae_train_step`) hold all the maths and take ready
-optimizers and one batch, so distributed training can call them from its own loop; `train_cgan`
-and `train_cvae` are the simplest such loops, over in-memory tensors, used by tests and demos.
-Images are always passed in [0, 1], the same range `generate` returns.
+The same `lm_step`, `cgan_step` and `cvae_step` that Ray Train drives through DeepSpeed engines run
+here on `PlainEngine`s (a module, its optimizer, clipping and schedule behind the engine's calls), so
+a model trained in a test or a quick experiment is trained by the code a cluster run uses. The loops
+are over in-memory examples or tensors, on one process. Images are always passed in [0, 1], the
+range `generate` returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from aigc_dist.models.cgan import Discriminator, Generator
-from aigc_dist.models.cvae import CVAE, elbo_loss
+from aigc_dist.models.cvae import CVAE
+from aigc_dist.models.llama import LlamaLM
+from aigc_dist.models.losses import Example, collate_examples
+from aigc_dist.train.generators import cgan_step, cvae_step, lm_step
+from aigc_dist.train.optim import parameter_groups, warmup_cosine
+
+
+class PlainEngine:
+    """A module and its optimizer behind the calls a recipe's step makes of a DeepSpeed engine: forward,
+    `backward(loss)`, `step()` (clip, optimizer step, schedule step, zero the gradients)."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, grad_clip: float = 0.0):
+        self.module, self.optimizer, self.scheduler, self.grad_clip = module, optimizer, scheduler, grad_clip
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, group_batches: int = 20, seed: int = 0
+) -> Iterator[list[int]]:
+    """Endless batches of example indices, drawn from shuffled epochs, that waste little on padding.
+
+    `collate_examples` pads every row to the longest in its batch, so a batch of mixed lengths spends
+    compute on padding. Here the shuffled stream is cut into windows of `group_batches * batch_size`
+    examples; each window is sorted by length, cut into batches, and its batches are yielded in random
+    order. Which examples share a window stays random; within a window, neighbours in length share a
+    batch. group_batches=1 is plain shuffled batching. Epochs run into each other, so every batch is
+    full, even when there are fewer examples than batch_size.
+    """
+    if not lengths:
+        raise ValueError("length_grouped_batches needs at least one example")
+    for name, value in (("batch_size", batch_size), ("group_batches", group_batches)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    rng = random.Random(seed)
+    window = batch_size * group_batches
+    order: list[int] = []
+    while True:
+        while len(order) < window:  # reshuffle per epoch
+            fresh = list(range(len(lengths)))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = sorted(order[:window], key=lengths.__getitem__), order[window:]
+        batches = [picked[start : start + batch_size] for start in range(0, window, batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def train_lm(
+    model: LlamaLM,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    warmup_steps: int = 20,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    group_batches: int = 20,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """`lm_step` under AdamW (decay on matrices only, `parameter_groups`) with warm-up + cosine, on shuffled,
+    length-grouped batches; returns the loss of every step. `group_batches` and `seed` pick the batches as
+    in `length_grouped_batches`."""
+    batches = length_grouped_batches([len(ids) for ids, _ in examples], batch_size, group_batches, seed)
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, steps))
+    engine = PlainEngine(model, optimizer, schedule, grad_clip)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = lm_step(engine, collate_examples([examples[i] for i in next(batches)], pad_id))
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
 
 
 @dataclass
@@ -72,37 +165,9 @@ def cgan_train_step(
     labels: torch.Tensor,
     features: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One discriminator step then one generator step on a batch of real images in [0, 1].
-
-    Fakes are drawn for the batch's own conditions, so the discriminator compares real and fake at
-    equal label frequencies. The generator uses the non-saturating loss (maximise log D(G(z)))
-    which keeps its gradients alive while the discriminator is winning. Returns the losses and the
-    discriminator's mean probabilities on real and fake images.
-    """
-    real = images * 2.0 - 1.0  # [0, 1] -> the generator's Tanh range [-1, 1]
+    """`cgan_step` on plain optimizers: a discriminator step, then a generator step, on images in [0, 1]."""
     z = torch.randn(images.shape[0], gen.config.z_dim, device=images.device)  # [N, z_dim]
-    fake = gen(z, labels, features)  # [N, C, H, W]
-
-    opt_d.zero_grad(set_to_none=True)
-    logits_real = disc(real, labels, features)  # [N]
-    logits_fake = disc(fake.detach(), labels, features)  # [N]
-    loss_d = F.binary_cross_entropy_with_logits(
-        logits_real, torch.ones_like(logits_real)
-    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-    loss_d.backward()
-    opt_d.step()
-
-    opt_g.zero_grad(set_to_none=True)
-    logits_gen = disc(fake, labels, features)  # [N]
-    loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
-    loss_g.backward()
-    opt_g.step()
-    return {
-        "loss_d": loss_d.item(),
-        "loss_g": loss_g.item(),
-        "d_real": torch.sigmoid(logits_real).mean().item(),
-        "d_fake": torch.sigmoid(logits_fake).mean().item(),
-    }
+    return cgan_step(PlainEngine(gen, opt_g), PlainEngine(disc, opt_d), images, labels, z, features)
 
 
 def cvae_train_step(
@@ -113,12 +178,8 @@ def cvae_train_step(
     features: torch.Tensor | None = None,
     kl_weight: float = 1.0,
 ) -> dict[str, float]:
-    """One ELBO step on a batch of images in [0, 1]; returns the per-image loss terms."""
-    opt.zero_grad(set_to_none=True)
-    logits, mu, logvar = model(images, labels, features)
-    losses = elbo_loss(logits, images, mu, logvar, beta=kl_weight)
-    losses["total"].backward()
-    opt.step()
+    """`cvae_step` on a plain optimizer; returns the per-image loss terms."""
+    losses = cvae_step(PlainEngine(model, opt), images, labels, kl_weight, features)
     return {name: value.item() for name, value in losses.items()}
 
 
