@@ -1,6 +1,7 @@
 """Write requirements/*.lock: every package `make` and the image install, pinned with its sha256.
 
-    .venv/bin/python scripts/lock.py          # after changing pyproject.toml's dependencies
+    .venv/bin/python scripts/lock.py            # after changing pyproject.toml's dependencies
+    .venv/bin/python scripts/lock.py --upgrade  # also move every package to the newest version allowed
 
 pip resolves pyproject.toml (`pip install --dry-run --report`, nothing installed) and each file
 gets the exact version and hash of every distribution that resolution picked:
@@ -85,9 +86,25 @@ def write_lock(path: Path, packages: dict[str, tuple[str, str]], what: str) -> N
     print(f"lock: {path.relative_to(REPO)}: {len(packages)} packages")
 
 
+def locked_versions(path: Path) -> dict[str, tuple[str, str]]:
+    """{name: (version, sha256)} of an existing lock file ({} when there is none)."""
+    if not path.exists():
+        return {}
+    pinned = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            spec, digest = line.split(" --hash=sha256:")
+            name, version = spec.split("==")
+            pinned[name] = (version, digest)
+    return pinned
+
+
 def main() -> None:
     LOCKS.mkdir(exist_ok=True)
-    dev = resolve("-e", ".[dev]")
+    # A re-lock keeps every version the current dev.lock holds (pip resolves within them), so a change of
+    # pyproject.toml changes only what it needs; --upgrade resolves afresh to the newest allowed versions.
+    held = {} if "--upgrade" in sys.argv[1:] else locked_versions(LOCKS / "dev.lock")
+    dev = resolve("-e", ".[dev]", pins=held)
     # The image's packages are the dev venv's, at the same versions: CI tests what the image runs.
     runtime = resolve("-e", ".", pins=dev)
     tools = resolve(*TOOLS, pins=dev)

@@ -13,8 +13,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+from aigc_dist.optional import optional_import
+
+_datasets = optional_import("sklearn.datasets", "demo", "scikit-learn's digits data")
+_model_selection = optional_import("sklearn.model_selection", "demo", "scikit-learn's digits data")
 
 IMAGE_SIZES = (8, 16, 32, 64)
 NUM_CLASSES = 10
@@ -35,7 +38,7 @@ class DigitsSplit:
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     # Parsed once per process: load_digits reads and decodes a bundled CSV each call.
-    bunch = load_digits()
+    bunch = _datasets.load_digits()
     images = (bunch.images / MAX_GREY_LEVEL).astype(np.float32)  # [1797, 8, 8] in [0, 1]
     return images, bunch.target.astype(np.int64)
 
@@ -74,7 +77,7 @@ def load_digits_split(
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1) (got {heldout_fraction})")
     images, labels = _raw_digits()
-    train_idx, heldout_idx = train_test_split(
+    train_idx, heldout_idx = _model_selection.train_test_split(
         np.arange(len(labels)), test_size=heldout_fraction, stratify=labels, random_state=seed
     )
     # Sorted so a split's order is stable and readable (shuffling is the training loop's job).

@@ -35,6 +35,7 @@ from aigc_dist.config import AigcConfig, ConfigError, dump_config
 from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
 from aigc_dist.demo.console import Console, Reading, Stage, format_seconds, routed_output
 from aigc_dist.demo.settings import DemoLayout, DemoSizes, demo_config
+from aigc_dist.optional import optional_import
 from aigc_dist.storage import Storage, join_uri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class DemoRun:
 def run_demo(output: str, config_file: str | None = None, overrides: Sequence[str] = (), tiny: bool = False
              ) -> dict[str, Any]:
     """Run the five stages into `output` (path or s3:// URI); returns the summary the report holds."""
+    optional_import("matplotlib", "demo", "the demo's report")  # before minutes of training, not after
     cfg, sizes, layout = demo_config(output, config_file, overrides, tiny)
     storage = Storage(cfg.storage)
     run = DemoRun(cfg, sizes, layout)

@@ -20,6 +20,7 @@ from aigc_dist.data.synthetic import world_quality
 from aigc_dist.demo.console import format_seconds
 from aigc_dist.demo.report_html import render_html
 from aigc_dist.evaluation.text import evaluate_text
+from aigc_dist.optional import optional_import
 from aigc_dist.storage import Storage, join_uri
 
 if TYPE_CHECKING:
@@ -126,8 +127,7 @@ def rate_curve(samples: list[tuple[float, int, int]], window_s: float) -> tuple[
 
 
 def _figure(rows: int = 1, height: float = 3.0) -> tuple[Any, Any]:
-    import matplotlib
-
+    matplotlib = optional_import("matplotlib", "demo", "the demo's report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
