@@ -325,6 +325,34 @@ class Storage:
         scheme = "s3://" if isinstance(fs, pafs.S3FileSystem) else ""
         return sorted(scheme + f for f in files)
 
+    def files(self, uri: str) -> list[pafs.FileInfo] | None:
+        """What is at `uri` as files: [the file] for a file, every file under a directory (recursive, sorted
+        by path), None when nothing is there (an empty directory is [])."""
+        fs, path = self.filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [info]
+        if info.type != pafs.FileType.Directory:
+            return None
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted((i for i in found if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+    def subdirectories(self, uri: str) -> list[str]:
+        """Names of the directories (S3: common prefixes) right under `uri`, sorted; [] when there is none."""
+        fs, path = self.filesystem(uri)
+        found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return sorted(i.base_name for i in found if i.type == pafs.FileType.Directory)
+
+    def delete_tree(self, uri: str, *, keep_root: bool = False) -> None:
+        """Remove everything under `uri` (and the directory itself unless keep_root); absent is not an error."""
+        fs, path = self.filesystem(uri)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return
+        if keep_root:
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+        else:
+            fs.delete_dir(path)
+
     def delete(self, uri: str) -> None:
         """Remove one object; absent objects are not an error."""
         fs, path = self.filesystem(uri)

@@ -69,6 +69,31 @@ def test_bytes_json_list_exists_delete(root):
         storage.read_bytes(a)
 
 
+def test_files_subdirectories_and_delete_tree(root):
+    """What callers list and delete through, the same on a local directory and on S3 prefixes."""
+    storage = Storage()
+    assert storage.files(root) is None and storage.subdirectories(root) == []
+    storage.delete_tree(root)  # absent is fine
+    for name in ("checkpoint_000002/state.json", "checkpoint_000010/model/rank0.pt", "checkpoint_000010/state.json",
+                 "notes.txt"):
+        storage.write_bytes(join_uri(root, name), name.encode())
+    assert storage.subdirectories(root) == ["checkpoint_000002", "checkpoint_000010"]
+    found = storage.files(root)
+    assert [parse_uri(i.path).path.split("/root/", 1)[1] for i in found] == [
+        "checkpoint_000002/state.json", "checkpoint_000010/model/rank0.pt", "checkpoint_000010/state.json",
+        "notes.txt"]
+    assert [i.size for i in found] == [len(b"checkpoint_000002/state.json"), len(b"checkpoint_000010/model/rank0.pt"),
+                                       len(b"checkpoint_000010/state.json"), len(b"notes.txt")]
+    assert [i.base_name for i in storage.files(join_uri(root, "notes.txt"))] == ["notes.txt"]  # a file: itself
+    storage.delete_tree(join_uri(root, "checkpoint_000010"))
+    assert storage.subdirectories(root) == ["checkpoint_000002"] and storage.exists(join_uri(root, "notes.txt"))
+    storage.delete_tree(root, keep_root=True)
+    assert storage.list(root) == []
+    storage.write_bytes(join_uri(root, "x/y.bin"), b"1")
+    storage.delete_tree(root)
+    assert storage.files(root) is None
+
+
 def test_if_absent_write_admits_exactly_one_writer(root):
     """The primitive behind run locks: of many concurrent claimants, exactly one wins."""
     storage = Storage()

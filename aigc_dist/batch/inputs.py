@@ -130,18 +130,12 @@ class RowRules:
 def resolve_input(name: TableKind, uri: str, fmt: str, storage: Storage) -> InputTable:
     """Find the files of an input (a file or a directory of files; names starting with . or _ are skipped)."""
     fs, path = storage.filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        infos = [info]
-    elif info.type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(path, recursive=True)
-        infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File
-                 and not any(part.startswith((".", "_")) for part in i.path[len(path):].split("/") if part)]
-    else:
+    infos = storage.files(uri)
+    if infos is None:
         raise InputError(f"data.{name}: nothing at {uri}")
+    infos = [i for i in infos if not any(part.startswith((".", "_")) for part in i.path[len(path):].split("/") if part)]
     if not infos:
         raise InputError(f"data.{name}: {uri} holds no input files")
-    infos.sort(key=lambda i: i.path)
     if fmt == "auto":
         found = {FORMAT_BY_SUFFIX.get("." + i.base_name.rsplit(".", 1)[-1].lower()) for i in infos}
         if None in found or len(found) != 1:

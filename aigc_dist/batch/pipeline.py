@@ -35,8 +35,6 @@ from contextlib import contextmanager
 from itertools import zip_longest
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from aigc_dist.batch.commit import sweep_uncommitted
 from aigc_dist.batch.finish import finish_generated
 from aigc_dist.batch.inputs import InputTable, RowRules, describe_input_change, identify, resolve_input
@@ -424,10 +422,9 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
         manifest["request_counts"] = request_counts(manifest["counts"])
     _fenced(lock, storage)
     storage.write_json(layout.manifest, manifest)
-    fs, work = storage.filesystem(layout.work)
-    if fs.get_file_info(work).type == pafs.FileType.Directory:
+    if storage.exists(layout.work):
         _fenced(lock, storage)
-        fs.delete_dir(work)
+        storage.delete_tree(layout.work)
     storage.delete(layout.progress)
     return manifest
 

@@ -183,12 +183,8 @@ def read_table_rows(table: InputTable, rules: RowRules, storage: Storage) -> pa.
 
 def read_work_files(storage: Storage, uri: str) -> pa.Table:
     """The work rows under a directory written by Ray Data (empty when there is none)."""
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return WORK_SCHEMA.empty_table()
-    selector = pafs.FileSelector(path, recursive=True)
-    files = sorted(i.path for i in fs.get_file_info(selector)
-                   if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    fs, _ = storage.filesystem(uri)
+    files = [i.path for i in storage.files(uri) or [] if i.base_name.endswith(".parquet")]
     tables = [pq.read_table(f, filesystem=fs, schema=WORK_SCHEMA) for f in files]
     return pa.concat_tables(tables) if tables else WORK_SCHEMA.empty_table()
 
@@ -196,9 +192,9 @@ def read_work_files(storage: Storage, uri: str) -> pa.Table:
 def work_dataset(storage: Storage, uri: str) -> Any:
     """The work rows under a directory written by Ray Data, as a Ray Dataset; None when there are none
     (Ray Data writes no directory for a part without rows)."""
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not storage.exists(uri):
         return None
+    fs, path = storage.filesystem(uri)
     return _read_parquet([path], fs).select_columns(list(PROFILE_COLUMNS))
 
 

@@ -120,8 +120,7 @@ def _clear_previous(layout: DemoLayout, storage: Storage) -> None:
         raise ConfigError(f"--output {layout.root} already holds {', '.join(found)}/ that no demo wrote; "
                           "give a new or empty directory")
     for name in found:
-        fs, path = storage.filesystem(layout.at(name))
-        fs.delete_dir_contents(path, missing_dir_ok=True)
+        storage.delete_tree(layout.at(name), keep_root=True)
 
 
 def _start_ray(temp_dir: str) -> None:

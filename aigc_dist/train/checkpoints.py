@@ -129,13 +129,7 @@ def find_checkpoint(uri: str, storage: Storage, what: str = "train.resume_from")
         if not checkpoint_complete(uri, storage):
             raise ConfigError(f"{what}: the checkpoint at {uri!r} is incomplete (some ranks' shards are missing)")
         return uri.rstrip("/")
-    fs, path = storage.filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = sorted(
-        os.path.basename(info.path)
-        for info in infos
-        if info.type == pafs.FileType.Directory and os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
-    )
+    names = [name for name in storage.subdirectories(uri) if name.startswith(CHECKPOINT_PREFIX)]
     for name in reversed(names):
         candidate = join_uri(uri, name)
         if checkpoint_complete(candidate, storage):
