@@ -250,7 +250,7 @@ def run_status(root: str, storage: Storage, stale_after_s: float = 300.0) -> dic
                 **{k: counts[k] for k in ("ok", "quarantined", "filtered")}, "tokens": manifest["tokens"]["generated"],
                 "rows_per_s": manifest["throughput"]["rows_per_s"],
                 "tokens_per_s": manifest["throughput"]["tokens_per_s"], "eta_s": 0.0,
-                "files": {k: len(v) for k, v in manifest["files"].items()}}
+                "files": {k: len(v) for k, v in manifest["files"].items()}, "quality": manifest.get("quality")}
     if not storage.exists(layout.run_info):
         return {"run_id": root.rsplit("/", 1)[-1], "state": "not started", "detail": f"nothing at {root}"}
     run_info = storage.read_json(layout.run_info)
@@ -288,6 +288,19 @@ def run_status(root: str, storage: Storage, stale_after_s: float = 300.0) -> dic
     return status
 
 
+def quality_line(quality: dict[str, Any]) -> str:
+    """The manifest's quality in one line; a rate without a rule (personalization) reads "not measured"."""
+    def rate(key: str) -> str:
+        return "not measured" if quality[key] is None else f"{quality[key]:.1%}"
+
+    across = quality["distinct_across_users"]
+    spread = (f"distinct-{across['n']} across users {across['mean']:.3f} over {across['item_groups']:,} item groups"
+              if across["mean"] is not None else f"distinct-{across['n']} across users: no item with two users")
+    return (f"{quality['scored']:,} copies: grounded {rate('grounded_rate')}, personalized "
+            f"{rate('personalized_rate')}, repetitive {rate('repetitive_rate')}, within length "
+            f"{rate('length_compliance_rate')}, banned terms {rate('banned_term_rate')}; {spread}")
+
+
 def format_status(status: dict[str, Any]) -> str:
     if status["state"] == "not started":
         return f"backfill {status['run_id']}: not started ({status['detail']})"
@@ -296,6 +309,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  driver: {status['driver']}")
     if status.get("files"):
         lines.append(f"  files: {status['files']['data']} data, {status['files']['errors']} errors")
+    if status.get("quality"):
+        lines.append(f"  quality: {quality_line(status['quality'])}")
     if status.get("detail"):
         lines.append(f"  {status['detail']}")
     return "\n".join(lines)

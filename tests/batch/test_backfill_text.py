@@ -85,7 +85,11 @@ def test_text_backfill_to_s3_writes_every_candidate_once(ray_local, s3_bucket, k
 
     assert run_status(run, storage)["state"] == "complete"
     assert main(["backfill", "status", run]) == 0
-    assert "complete, 2,000/2,000 rows (100.0%), 2,000 committed in 8/8 shards" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "complete, 2,000/2,000 rows (100.0%), 2,000 committed in 8/8 shards" in shown
+    quality = manifest["quality"]  # default rules: personalization not measured, said so rather than 0%
+    assert quality["scored"] == 2000 and quality["personalized_rate"] is None
+    assert f"quality: 2,000 copies: grounded {quality['grounded_rate']:.1%}, personalized not measured" in shown
     again = run_backfill(backfill, kit.world_data(world_uri), StorageConfig())  # complete: nothing redone
     assert again["timings"] == manifest["timings"]
 
