@@ -15,15 +15,17 @@ every file checked against metadata.json's sha256 first (as the native loader ch
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from aigc_dist.engine.decode import DecodeRequest
-from aigc_dist.engine.live import RequestFeed
+from aigc_dist.engine.live import LiveRequest, RequestFeed
 from aigc_dist.engine.streaming import StreamedText
 from aigc_dist.engine.text import FinishReason, TextDelta, TextEngine, TextRequest, TextResult
 from aigc_dist.models.artifact import PROMPT_TEMPLATE_KEY, Artifact, ArtifactError, ArtifactStore, load_artifact
@@ -132,10 +134,12 @@ class VLLMTextEngine(TextEngine):
     """`TextEngine` whose decoding is vLLM's: continuous batching over `max_batch_size` sequences
     (vLLM's max_num_seqs), its paged KV cache (`kv_cache_gib` on CPU, `gpu_memory_utilization` on a GPU).
 
-    `stream` and `generate` run vLLM's offline `generate` over a fixed set of requests: `stream` yields
-    each request's text as one delta when it ends, and `cancelled` is not asked; stop strings end the
-    text where the native engine ends it, but vLLM decodes on to max_new_tokens or EOS first.
-    `run_live` (a replica's streams) runs that per group of arrivals.
+    Every path steps vLLM's engine (`LLM.llm_engine`) itself, through one `_EngineSteps`: `stream` and
+    `generate` add their requests and step until those end; `stream` yields each request's text as one
+    delta when it ends, and `cancelled` is not asked; stop strings end the text where the native engine
+    ends it, but vLLM decodes on to max_new_tokens or EOS first. `run_live` (a replica's streams) adds
+    each request at the next step after it arrives, streams its text step by step, ends it in vLLM at
+    a stop string or a cancel. A `generate` on another thread while `run_live` runs shares the steps.
     """
 
     def __init__(self, artifact: Artifact, model_dir: Path, max_batch_size: int = 64, num_threads: int | None = None,
@@ -144,6 +148,12 @@ class VLLMTextEngine(TextEngine):
         self.kv_cache_gib = kv_cache_gib
         self.gpu_memory_utilization = gpu_memory_utilization
         super().__init__(artifact, max_batch_size=max_batch_size, num_threads=num_threads)
+        self._steps = _EngineSteps(self.model.llm_engine)
+        import torch
+
+        # vLLM's CPU attention checks that a step runs on the OpenMP threads its metadata was planned for: a
+        # thread that steps the engine (run_live's) takes the count of the thread that built it.
+        self._threads = torch.get_num_threads()
 
     @classmethod
     def from_uri(cls, uri: str, store: ArtifactStore, **kwargs: Any) -> VLLMTextEngine:
@@ -171,76 +181,130 @@ class VLLMTextEngine(TextEngine):
         finally:
             torch.set_num_threads = set_num_threads
 
-    def _params(self, request: DecodeRequest) -> Any:
+    def _params(self, request: DecodeRequest, kind: str = "final") -> Any:
+        """vLLM's sampling parameters for `request`; kind: its outputs, "final" (one, when it ends) or
+        "delta" (each step's new tokens)."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(temperature=request.temperature, top_k=request.top_k or 0, top_p=request.top_p or 1.0,
                               max_tokens=request.max_new_tokens, seed=request.seed, stop_token_ids=self.eos_ids,
-                              detokenize=False)
+                              detokenize=False, output_kind=RequestOutputKind.DELTA if kind == "delta"
+                              else RequestOutputKind.FINAL_ONLY)
+
+    def _tokens(self, output: Any) -> list[int]:
+        """An output's new tokens, the EOS that ended it dropped."""
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        if output.finished and tokens and tokens[-1] in self.eos_ids and completion.finish_reason == "stop":
+            tokens.pop()
+        return tokens
 
     def _decode_all(self, decode: list[DecodeRequest]) -> list[list[int] | str]:
-        """Each request's generated tokens (EOS dropped), or the reason vLLM refused it. A refusal fails
-        vLLM's whole call, so the refused ones are then found alone (a one-token try each) and the
-        others decoded together."""
-        from vllm.inputs import TokensPrompt
-
-        def run(indices: list[int], max_tokens: int | None = None) -> list[Any]:
-            params = [self._params(decode[i]) for i in indices]
-            if max_tokens is not None:
-                for p in params:
-                    p.max_tokens = max_tokens
-            return self.model.generate([TokensPrompt(prompt_token_ids=decode[i].prompt) for i in indices], params,
-                                       use_tqdm=False)
-
+        """Each request's generated tokens (EOS dropped), or the reason vLLM refused or ended it: each
+        request is added alone, so a refusal is that request's only."""
         answers: list[list[int] | str] = [""] * len(decode)
-        good = list(range(len(decode)))
+        where: dict[str, int] = {}
         try:
-            outputs = run(good)
-        except (ValueError, TypeError) as exc:
-            refused = {}
-            for i in good:
+            for j, request in enumerate(decode):
                 try:
-                    run([i], max_tokens=1)
-                except (ValueError, TypeError) as one:
-                    refused[i] = f"vllm refused the request: {one}"
-            if not refused:
-                raise exc
-            for i, why in refused.items():
-                answers[i] = why
-            good = [i for i in good if i not in refused]
-            outputs = run(good) if good else []
-        for i, output in zip(good, outputs, strict=True):
-            tokens = list(output.outputs[0].token_ids)
-            if tokens and tokens[-1] in self.eos_ids and output.outputs[0].finish_reason == "stop":
-                tokens.pop()
-            answers[i] = tokens
+                    where[self._steps.add(request.prompt, self._params(request))] = j
+                except _refusals() as exc:
+                    answers[j] = f"vllm refused the request: {exc}"
+            waiting = set(where)
+            while waiting:
+                for rid, outputs in self._steps.step(list(waiting)).items():
+                    if outputs[-1].finished:
+                        answers[where[rid]] = self._ended(outputs[-1]) or self._tokens(outputs[-1])
+                        waiting.discard(rid)
+        except BaseException:
+            self._steps.abort(list(where))
+            raise
         return answers
 
+    @staticmethod
+    def _ended(output: Any) -> str | None:
+        """Why vLLM ended a finished request without an answer (None: it stopped or reached its length)."""
+        if output is _LOST:
+            return "vllm ended the request without its last output"
+        reason = output.outputs[0].finish_reason
+        return None if reason in ("stop", "length") else f"vllm ended the request ({reason})"
+
     def run_live(self, feed: RequestFeed, on_step: Callable[[int], None] | None = None) -> None:
-        """`TextEngine.run_live` over vLLM's offline engine: what has arrived decodes as one `stream` call,
-        then what arrived meanwhile, and so on; each request gets its text as one delta when it ends, and
-        `cancelled` is not asked. (Stepping vLLM's engine per request, so that requests join mid-batch and
-        stream token by token, is not built: the first try never ended its loop.) on_step gets each
-        call's request count."""
-        while True:
-            first = feed.take(block=True)
-            if first is None:
-                if feed.closed:
-                    return
-                continue
-            batch = [first]
-            while (more := feed.take(block=False)) is not None:
-                batch.append(more)
+        """`TextEngine.run_live` on vLLM's engine, stepped here one step at a time.
+
+        Before each step the feed's new requests are added (up to `max_batch_size` live ones; the feed is
+        waited on only while none runs), each with its own sampling parameters, and those whose
+        `cancelled()` says so are aborted; after it each request's new tokens go through its
+        `StreamedText` (stop strings on the text, as `stream` applies them) and its `deliver` gets the
+        new text, then the result when it ends (EOS, length, a stop string: vLLM aborts it then). A
+        request vLLM refuses gets that as its error. on_step gets the number of live requests in each
+        step. An exception closes the feed, is delivered to every request it holds, and is raised.
+        """
+        import torch
+
+        torch.set_num_threads(self._threads)
+        jobs: dict[str, tuple[LiveRequest, StreamedText, TextResult, int]] = {}
+
+        def end(rid: str, piece: str, reason: FinishReason) -> None:
+            live, text, result, _ = jobs.pop(rid)
+            live.deliver(TextDelta(0, piece, self._finish(result, text, reason)))
+
+        try:
+            while True:
+                while len(jobs) < self.max_batch_size:
+                    live = feed.take(block=not jobs)  # nothing running: wait for the next request
+                    if live is None:
+                        break
+                    result, decode = self._prepare_one(live.request)
+                    if decode is not None:
+                        try:
+                            rid = self._steps.add(decode.prompt, self._params(decode, "delta"))
+                        except _refusals() as exc:
+                            result.error, result.prompt_tokens = f"vllm refused the request: {exc}", 0
+                        else:
+                            jobs[rid] = (live, StreamedText(self.tokenizer, live.request.stop), result,
+                                         decode.max_new_tokens)
+                            continue
+                    live.deliver(TextDelta(0, "", result))
+                if not jobs:
+                    if feed.closed:
+                        return
+                    continue
+                for rid in [rid for rid, job in jobs.items() if job[0].cancelled()]:
+                    self._steps.abort([rid])
+                    end(rid, jobs[rid][1].finish(), "cancelled")
+                if not jobs:
+                    continue
+                if on_step is not None:
+                    on_step(len(jobs))
+                for rid, outputs in self._steps.step(list(jobs)).items():
+                    live, text, result, max_new_tokens = jobs[rid]
+                    for output in outputs:
+                        why = self._ended(output) if output.finished else None
+                        if why is not None:
+                            jobs.pop(rid)
+                            result.error, result.prompt_tokens = why, 0
+                            live.deliver(TextDelta(0, "", result))
+                            break
+                        piece, reason = self._advance(text, self._tokens(output), output.finished, max_new_tokens,
+                                                      False)
+                        if reason is None:
+                            if piece:
+                                live.deliver(TextDelta(0, piece, None))
+                            continue
+                        if not output.finished:  # a stop string: vLLM decodes it no further
+                            self._steps.abort([rid])
+                        end(rid, piece, reason)
+                        break
+        except BaseException as exc:
+            feed.close()
             try:
-                for delta in self.stream([live.request for live in batch]):
-                    batch[delta.index].deliver(TextDelta(0, delta.text, delta.result))
-            except BaseException as exc:
-                feed.close()
-                for live in batch + feed.drain():
+                self._steps.abort(list(jobs))
+            finally:
+                for live in [job[0] for job in jobs.values()] + feed.drain():
                     live.deliver(exc)
-                raise
-            if on_step is not None:
-                on_step(len(batch))
+            raise
 
     def _decoded(self, requests: Sequence[TextRequest], results: list[TextResult], decode: list[DecodeRequest],
                  where: list[int], cancelled: Callable[[int], bool] | None, stepwise: bool) -> Iterator[TextDelta]:
@@ -265,6 +329,81 @@ class VLLMTextEngine(TextEngine):
                 result.text, result.num_tokens = self.tokenizer.decode(answer), len(answer)
             self._close(result, reason)
             yield TextDelta(where[j], result.text, result)
+
+
+class _Lost:
+    """The finished output vLLM never gave: the request was not finished when its engine ran out of requests."""
+
+    finished = True
+
+
+_LOST = _Lost()
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    from vllm.exceptions import VLLMClientError
+
+    return ValueError, TypeError, VLLMClientError
+
+
+class _EngineSteps:
+    """vLLM's `LLMEngine` stepped by whichever thread needs its requests to advance (`run_live`'s, a
+    `generate` call's), one step at a time under a lock; each step's outputs are kept per request for
+    the thread that added it.
+
+    Request ids: `add_request(request_id, ...)` returns vLLM's internal id (request_id plus a random
+    suffix), while a `RequestOutput` carries the id given to it: outputs are matched on the given one,
+    unique here, and `abort_request` takes it too. When vLLM has no unfinished request left, a request
+    that never got its finished output gets `_LOST`, so that no caller waits for it forever.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.outputs: dict[str, list[Any]] = {}  # per added request, the outputs not taken yet
+        self.numbers = itertools.count()
+
+    def add(self, prompt: list[int], params: Any) -> str:
+        """Add a request; its id. Raises what vLLM raises when it refuses the request."""
+        from vllm.inputs import TokensPrompt
+
+        with self.lock:
+            rid = f"aigc-{next(self.numbers)}"
+            self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+            self.outputs[rid] = []
+            return rid
+
+    def abort(self, rids: Sequence[str]) -> None:
+        """End these requests in vLLM (those still there); their later outputs are dropped."""
+        with self.lock:
+            ended = [rid for rid in rids if self.outputs.pop(rid, None) is not None]
+            if ended:
+                self.engine.abort_request(ended)
+
+    def step(self, rids: Sequence[str]) -> dict[str, list[Any]]:
+        """The outputs of `rids` since the last call, after one step of the engine unless another thread's
+        step left some already. A request whose list ends finished (or `_LOST`) is forgotten."""
+        with self.lock:
+            if not any(self.outputs.get(rid) for rid in rids):
+                if self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        kept = self.outputs.get(output.request_id)
+                        if kept is not None:
+                            kept.append(output)
+                if not self.engine.has_unfinished_requests():
+                    for kept in self.outputs.values():
+                        if not kept or not (kept[-1] is _LOST or kept[-1].finished):
+                            kept.append(_LOST)
+            taken = {}
+            for rid in rids:
+                kept = self.outputs.get(rid)
+                if kept:
+                    taken[rid] = kept[:]
+                    if kept[-1] is _LOST or kept[-1].finished:
+                        del self.outputs[rid]
+                    else:
+                        kept.clear()
+            return taken
 
 
 def text_engine(uri: str, store: ArtifactStore, backend: str, *, device: str = "cpu", max_batch_size: int = 64,

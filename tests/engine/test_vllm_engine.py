@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from aigc_dist.data.synthetic import make_world
-from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest
+from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, TextResult
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.storage import Storage
 
@@ -40,6 +40,10 @@ def vllm_host(ray_local, trained_copy_model) -> Any:
 
         def stream(self, requests: list[TextRequest]) -> list[Any]:
             return list(self.engine.stream(requests))
+
+        def call(self, script: Any, *args: Any) -> Any:
+            """script(engine, *args) in the actor: run_live's threads and events stay on the engine's side."""
+            return script(self.engine, *args)
 
     host = VLLMHost.remote(trained_copy_model.artifact)
     yield host
@@ -110,3 +114,84 @@ def test_a_requests_seed_decides_its_sampled_copy_whatever_the_batch(vllm_host, 
     again = ray.get(vllm_host.generate.remote([dataclasses.replace(big[0], seed=7)]))[0]
     assert reseeded.text == again.text
     assert len({r.text for r in together}) > 1 + len(together) // 2  # sampled, not one copy for everyone
+
+
+# run_live: vLLM's engine stepped one step at a time. Each script runs in the actor (`VLLMHost.call`) with the
+# native live tests' harness: the loop on a thread, requests put from the engine's thread at a delta (an event,
+# so the request they join cannot have ended), every wait bounded.
+
+
+def _joined_live(engine: Any, requests: list[TextRequest]) -> tuple[list[TextResult], list[Any], list[int]]:
+    from tests.engine.test_text_live import Live, Received
+
+    expected = engine.generate(requests)  # offline, on the same engine
+    live = Live(engine)
+    got = [Received() for _ in requests]
+    got[0].on_first.append(lambda: [live.put(r, g) for r, g in zip(requests[1:], got[1:], strict=True)])
+    live.put(requests[0], got[0])
+    answers = [(g.result, g.text, [d.text for d in g.deltas]) for g in got]
+    live.close()
+    return expected, answers, live.rows
+
+
+def _late_cancelled_and_bad(engine: Any, long: TextRequest, late: TextRequest, cancelled: TextRequest,
+                            bad: TextRequest) -> dict[str, Any]:  # fmt: skip
+    from tests.engine.test_text_live import Live, Received
+
+    requests = [long, late, cancelled, bad]
+    expected = engine.generate(requests)
+    order: list[str] = []
+    live = Live(engine)
+    got = [Received(order=order, name=name) for name in ("long", "late", "cancelled", "bad")]
+    got[2].on_first.append(got[2].stop_now.set)  # cancelled() is true from its first delta on
+    got[0].on_first.append(lambda: [live.put(r, g) for r, g in zip(requests[1:], got[1:], strict=True)])
+    live.put(long, got[0])
+    answers = [(g.result, g.text) for g in got]
+    live.close()
+    return {"expected": expected, "answers": answers, "order": order, "rows": live.rows,
+            "unfinished": engine.model.llm_engine.has_unfinished_requests()}
+
+
+def test_live_requests_join_the_running_vllm_batch_and_get_generates_text(vllm_host, trained_copy_model):
+    """Requests put while the first decodes join its steps; each one's deltas add up to the text and result
+    `generate` gives it on the same engine."""
+    import ray
+
+    requests = held_out_requests(trained_copy_model, 6, SamplingParams(max_new_tokens=120, temperature=0.0))
+    requests[1] = dataclasses.replace(requests[1], stop=("e",))  # a stop string, applied on the streamed text
+    expected, answers, rows = ray.get(vllm_host.call.remote(_joined_live, requests))
+    for want, (result, text, _) in zip(expected, answers, strict=True):
+        assert result == want and text == want.text
+    assert expected[1].finish_reason == "stop" and "e" not in expected[1].text
+    assert max(rows) >= 2  # they shared vLLM's steps
+
+
+def test_a_late_live_request_runs_at_once_a_cancelled_one_stops_a_bad_one_fails_alone(vllm_host, trained_copy_model):
+    import ray
+
+    greedy = SamplingParams(max_new_tokens=120, temperature=0.0)
+    long, late, cancelled, bad = held_out_requests(trained_copy_model, 4, greedy)
+    late = dataclasses.replace(late, sampling=SamplingParams(max_new_tokens=3, temperature=0.0))
+    bad = dataclasses.replace(bad, sampling=SamplingParams(max_new_tokens=250))  # prompt + 250 > the context
+    run = ray.get(vllm_host.call.remote(_late_cancelled_and_bad, long, late, cancelled, bad))
+    expected, answers = run["expected"], run["answers"]
+    assert expected[0].num_tokens > 4 and expected[2].num_tokens > 2  # long enough to be overtaken, cancelled
+    (long_got, _), (late_got, _), (cancelled_got, cancelled_text), (bad_got, _) = answers
+    assert long_got == expected[0] and late_got == expected[1]
+    assert run["order"].index("late") < run["order"].index("long")  # it did not wait for the long one
+    assert cancelled_got.finish_reason == "cancelled" and cancelled_got.num_tokens < expected[2].num_tokens
+    assert cancelled_text == cancelled_got.text and expected[2].text.startswith(cancelled_got.text)
+    assert bad_got.error == expected[3].error and "exceeds the model's context" in (bad_got.error or "")
+    assert not run["unfinished"]  # the cancelled one was aborted in vLLM, nothing left running
+
+
+def test_a_live_stream_arrives_token_by_token(vllm_host, trained_copy_model):
+    import ray
+
+    request = held_out_requests(trained_copy_model, 1, SamplingParams(max_new_tokens=120, temperature=0.0))[0]
+    expected, answers, rows = ray.get(vllm_host.call.remote(_joined_live, [request]))
+    result, text, pieces = answers[0]
+    assert result == expected[0] and text == expected[0].text and result.num_tokens > 4
+    assert len(pieces) > result.num_tokens // 2  # a delta per step, not one chunk at the end
+    assert all(pieces[:-1])  # no empty delta but the last
+    assert set(rows) == {1}
