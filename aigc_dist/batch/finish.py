@@ -20,7 +20,7 @@ from aigc_dist.batch.commit import commit_shard
 from aigc_dist.batch.layout import ERRORS_SCHEMA, IMAGE_SCHEMA, STAGES, TEXT_SCHEMA, RunLayout
 from aigc_dist.batch.lock import FencedError
 from aigc_dist.batch.openai_batch import output_lines
-from aigc_dist.batch.quality import filter_reason, shard_quality, text_quality
+from aigc_dist.batch.quality import copy_checks, filter_reason, shard_quality, text_quality
 from aigc_dist.batch.shards import GENERATED_SCHEMAS, ShardContext, error_row, from_ipc
 from aigc_dist.storage import Storage
 
@@ -75,14 +75,15 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     generated, errors, stats = read_generated(tasks, storage, backfill.mode)
     side = stats.pop("side")
     data, answered = [], []  # answered: the generated rows kept in data/, for the OpenAI output lines
-    scored = []  # (user_id, item_id, content, quality) of every generated copy, for the shard's quality sums
+    scored = []  # (user_id, item_id, content, quality, checks) of every generated copy, for the shard's sums
     for row in generated.to_pylist():
         out = _data_row(row, context, created_at)
         if backfill.mode == "text":
             out.update(text_quality(row["content"], json.loads(row["user"]), json.loads(row["item"]),
                                     backfill.quality))
-            scored.append((row["user_id"], row["item_id"], row["content"], out))
-            reason = filter_reason(row["content"], out, backfill)
+            checks = copy_checks(row["content"], backfill)
+            scored.append((row["user_id"], row["item_id"], row["content"], out, checks))
+            reason = filter_reason(out, checks, backfill)
             if reason is not None:
                 errors.append(error_row(row, "filter", reason, side, content=row["content"]))
                 continue

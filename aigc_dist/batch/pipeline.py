@@ -422,9 +422,8 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
         manifest["request_counts"] = request_counts(manifest["counts"])
     _fenced(lock, storage)
     storage.write_json(layout.manifest, manifest)
-    if storage.exists(layout.work):
-        _fenced(lock, storage)
-        storage.delete_tree(layout.work)
+    _fenced(lock, storage)
+    storage.delete_tree(layout.work)  # absent (a pass that wrote nothing) is no error
     storage.delete(layout.progress)
     return manifest
 

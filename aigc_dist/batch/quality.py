@@ -46,12 +46,18 @@ def _banned_term(content: str, config: BackfillConfig) -> str | None:
     return next((term for term in config.banned_terms if term and term.casefold() in folded), None)
 
 
-def filter_reason(content: str, quality: Mapping[str, Any], config: BackfillConfig) -> str | None:
-    """Why the configured filters reject this copy, or None when it passes."""
-    reason = _length_reason(content, config)
-    if reason is not None:
-        return reason
-    banned = _banned_term(content, config)
+def copy_checks(content: str, config: BackfillConfig) -> tuple[str | None, str | None]:
+    """(why the copy breaks min_chars/max_chars, the first banned term it holds), each None when it does not:
+    computed once per copy for the filters and for the shard's quality sums."""
+    return _length_reason(content, config), _banned_term(content, config)
+
+
+def filter_reason(quality: Mapping[str, Any], checks: tuple[str | None, str | None],
+                  config: BackfillConfig) -> str | None:
+    """Why the configured filters reject this copy (its `copy_checks` and quality fields), or None."""
+    length, banned = checks
+    if length is not None:
+        return length
     if banned is not None:
         return f"contains banned term {banned!r}"
     if config.require_item_mention and not quality["grounded"]:
@@ -59,21 +65,23 @@ def filter_reason(content: str, quality: Mapping[str, Any], config: BackfillConf
     return None
 
 
-def shard_quality(scored: Sequence[tuple[str, str, str, Mapping[str, Any]]], config: BackfillConfig) -> dict:
-    """Sums over one shard's generated copy, before the filters: (user_id, item_id, content, quality fields)
-    per row. Counts of grounded / personalized / repetitive copy, copy within min_chars..max_chars, copy
-    with a banned term; per item with copies for two users or more, distinct-n of those copies."""
+def shard_quality(scored: Sequence[tuple[str, str, str, Mapping[str, Any], tuple[str | None, str | None]]],
+                  config: BackfillConfig) -> dict:
+    """Sums over one shard's generated copy, before the filters: (user_id, item_id, content, quality fields,
+    copy_checks) per row. Counts of grounded / personalized / repetitive copy, copy within
+    min_chars..max_chars, copy with a banned term; per item with copies for two users or more, distinct-n
+    of those copies."""
     by_item: dict[str, list[str]] = defaultdict(list)
     users: dict[str, set[str]] = defaultdict(set)
     sums = {"scored": 0, "grounded": 0, "personalized": 0, "repetitive": 0, "length_ok": 0, "banned": 0,
             "item_groups": 0, "item_groups_distinct_sum": 0.0, "item_groups_same_copy": 0}
-    for user_id, item_id, content, quality in scored:
+    for user_id, item_id, content, quality, (length, banned) in scored:
         sums["scored"] += 1
         sums["grounded"] += bool(quality["grounded"])
         sums["personalized"] += bool(quality["personalized"])
         sums["repetitive"] += bool(quality["repetitive"])
-        sums["length_ok"] += _length_reason(content, config) is None
-        sums["banned"] += _banned_term(content, config) is not None
+        sums["length_ok"] += length is None
+        sums["banned"] += banned is not None
         by_item[item_id].append(content)
         users[item_id].add(user_id)
     for item_id, copies in by_item.items():
