@@ -17,33 +17,25 @@ from typing import Any
 import pyarrow as pa
 
 from aigc_dist.batch.commit import commit_shard
-from aigc_dist.batch.layout import ERRORS_SCHEMA, IMAGE_SCHEMA, STAGES, TEXT_SCHEMA, RunLayout
+from aigc_dist.batch.layout import ERRORS_SCHEMA, STAGES, RunLayout
 from aigc_dist.batch.lock import FencedError
 from aigc_dist.batch.openai_batch import output_lines
-from aigc_dist.batch.quality import copy_checks, filter_reason, shard_quality, text_quality
-from aigc_dist.batch.shards import GENERATED_SCHEMAS, ShardContext, error_row, from_ipc
+from aigc_dist.batch.shards import ShardContext, error_row, from_ipc
+from aigc_dist.batch.tasks import backfill_task
 from aigc_dist.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def _data_row(row: dict[str, Any], context: ShardContext, created_at: Any) -> dict[str, Any]:
-    backfill, model = context.backfill, context.model
-    out = {"request_id": row["request_id"], "user_id": row["user_id"], "item_id": row["item_id"],
-           "model_name": model["name"], "model_version": model["version"], "model_digest": model["digest"],
-           "seed": row["seed"], "created_at": created_at}
-    if backfill.mode == "image":
-        return {**out, "image": row["image"], "label": row["label"], "width": row["width"], "height": row["height"],
-                "num_bytes": len(row["image"])}
-    # A batch file's line samples as its body says (the run's values where it says nothing).
-    sampling = json.loads(row["request"]) if row.get("request") else backfill.model_dump(
-        include={"temperature", "top_k", "top_p", "max_new_tokens"})
-    return {**out, "content": row["content"], "num_tokens": row["num_tokens"], "prompt_tokens": row["prompt_tokens"],
-            "finished": row["finished"], **{k: sampling[k] for k in ("temperature", "top_k", "top_p",
-                                                                     "max_new_tokens")}}
+def _keys(row: dict[str, Any], model: dict[str, Any], created_at: Any) -> dict[str, Any]:
+    """The data/ columns every modality has: the row's keys, the model that made it, its seed, its time."""
+    return {"request_id": row["request_id"], "user_id": row["user_id"], "item_id": row["item_id"],
+            "model_name": model["name"], "model_version": model["version"], "model_digest": model["digest"],
+            "seed": row["seed"], "created_at": created_at}
 
 
-def read_generated(tasks: list[dict[str, Any]], storage: Storage, mode: str) -> tuple[pa.Table, list[dict], dict]:
+def read_generated(tasks: list[dict[str, Any]], storage: Storage,
+                   schema: pa.Schema) -> tuple[pa.Table, list[dict], dict]:  # fmt: skip
     """(generated rows, pending errors, stats) of a shard from its tasks' files, in task order; stats sum
     the tasks' seconds by stage and rows by actor."""
     rows, errors = [], []
@@ -58,7 +50,7 @@ def read_generated(tasks: list[dict[str, Any]], storage: Storage, mode: str) -> 
             stats["seconds"][stage] = stats["seconds"].get(stage, 0.0) + seconds
         for actor, count in part["actors"].items():
             stats["actors"][actor] = stats["actors"].get(actor, 0) + count
-    table = pa.concat_tables(rows) if rows else GENERATED_SCHEMAS[mode].empty_table()
+    table = pa.concat_tables(rows) if rows else schema.empty_table()
     return table, errors, stats
 
 
@@ -70,24 +62,20 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     if storage.exists(layout.commit_marker(shard)):
         return storage.read_json(layout.commit_marker(shard))
     started = time.perf_counter()
-    backfill = context.backfill
+    backfill, task = context.backfill, backfill_task(context, storage)
     created_at = datetime.datetime.now(datetime.UTC)
-    generated, errors, stats = read_generated(tasks, storage, backfill.mode)
+    generated, errors, stats = read_generated(tasks, storage, task.generated_schema)
     side = stats.pop("side")
     data, answered = [], []  # answered: the generated rows kept in data/, for the OpenAI output lines
-    scored = []  # (user_id, item_id, content, quality, checks) of every generated copy, for the shard's sums
+    scored = []  # each generated copy's entry of the shard's quality sums (text), filtered ones too
     for row in generated.to_pylist():
-        out = _data_row(row, context, created_at)
-        if backfill.mode == "text":
-            out.update(text_quality(row["content"], json.loads(row["user"]), json.loads(row["item"]),
-                                    backfill.quality))
-            checks = copy_checks(row["content"], backfill)
-            scored.append((row["user_id"], row["item_id"], row["content"], out, checks))
-            reason = filter_reason(out, checks, backfill)
-            if reason is not None:
-                errors.append(error_row(row, "filter", reason, side, content=row["content"]))
-                continue
-        data.append(out)
+        columns, score, reason = task.finish_row(row)
+        if score is not None:
+            scored.append(score)
+        if reason is not None:
+            errors.append(error_row(row, "filter", reason, side, content=row.get("content")))
+            continue
+        data.append({**_keys(row, context.model, created_at), **columns})
         answered.append(row)
     for error in errors:
         error["created_at"] = created_at
@@ -103,11 +91,9 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
                 "prompt": sum(r.get("prompt_tokens", 0) for r in data)},
         tasks=len(tasks),
     )
-    if backfill.mode == "text":
-        stats["quality"] = shard_quality(scored, backfill)
+    stats.update(task.shard_stats(scored))
     stats["seconds"]["finish"] = time.perf_counter() - started
-    schema = TEXT_SCHEMA if backfill.mode == "text" else IMAGE_SCHEMA
-    outputs: dict[str, Any] = {"data": pa.Table.from_pylist(data, schema=schema),
+    outputs: dict[str, Any] = {"data": pa.Table.from_pylist(data, schema=task.data_schema),
                                "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
     if backfill.output_format == "parquet+openai":
         outputs.update(output_lines(backfill.run_id, context.model["name"], answered, errors, side,

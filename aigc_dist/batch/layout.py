@@ -44,6 +44,7 @@ IMAGE_SCHEMA = pa.schema([
     *_KEYS, ("image", pa.binary()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
     ("num_bytes", pa.int32()), *_MODEL_COLUMNS, _CREATED,
 ])
+DATA_SCHEMAS = {"text": TEXT_SCHEMA, "image": IMAGE_SCHEMA}  # by backfill.mode (a ModelSpec's modality)
 # `table`: which input the row came from: the requests side ("candidates" or "requests"), or a bad
 # row of the users or items table (those count under counts.profiles, not in counts.total).
 ERRORS_SCHEMA = pa.schema([
@@ -137,7 +138,7 @@ def read_output(root: str, storage: Storage | None = None) -> tuple[pa.Table, pa
     storage = storage or Storage()
     manifest = read_manifest(root, storage)
     layout = RunLayout(root)
-    schema = TEXT_SCHEMA if manifest["mode"] == "text" else IMAGE_SCHEMA
+    schema = DATA_SCHEMAS[manifest["mode"]]
     tables = []
     for kind, kind_schema in (("data", schema), ("errors", ERRORS_SCHEMA)):
         parts = []

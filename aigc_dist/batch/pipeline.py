@@ -48,9 +48,9 @@ from aigc_dist.batch.records import ReadLimits
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer
 from aigc_dist.batch.startup import input_ready, room_to_overlap, start_gate
 from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, QualityConfig, StorageConfig, config_digest
-from aigc_dist.data.prompts import PromptTemplate, template_digest
 from aigc_dist.errors import UserError
 from aigc_dist.metrics import DriverMetrics
+from aigc_dist.models.spec import MODEL_SPECS, kinds_of, model_spec
 from aigc_dist.storage import AlreadyExistsError, Storage, join_uri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,7 @@ def _identity(backfill: BackfillConfig, data: DataConfig, model: dict[str, Any])
 
 def _id_salt(backfill: BackfillConfig, model: dict[str, Any]) -> str:
     """The "template" part of default request ids: the prompt template, or the image condition."""
-    if backfill.mode == "text":
-        return template_digest(PromptTemplate(**model["template"]))
-    return hashlib.sha256(f"image:{backfill.image_label_field}".encode()).hexdigest()[:16]
+    return model_spec(model["kind"]).part("backfill").id_salt(backfill, model)
 
 
 def _fenced(lock: RunLock, storage: Storage) -> None:
@@ -389,16 +387,17 @@ def _generate(pending: list[int], context: ShardContext, write_pass: Callable[[]
 
 
 def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
-    if backfill.mode == "image" and backfill.output_format != "parquet":
-        raise BackfillError(f"backfill.output_format={backfill.output_format} writes text completions; image "
-                            "backfills write parquet only")
-    wanted_kinds = ("lm",) if backfill.mode == "text" else ("cgan", "cvae")
-    if model["kind"] not in wanted_kinds:
-        raise BackfillError(f"backfill.mode={backfill.mode} needs a {' or '.join(wanted_kinds)} artifact; "
-                            f"{backfill.artifact} is a {model['kind']!r} artifact")
-    if backfill.mode == "text" and not (model["template"] and model["tokenizer"]):
-        raise BackfillError(f"{backfill.artifact} has no tokenizer or no conditioning.prompt_template to render "
-                            "prompts with")
+    """The artifact's kind generates what backfill.mode asks for, and its task can run this backfill."""
+    if model["kind"] not in MODEL_SPECS:
+        raise BackfillError(f"backfill.artifact: {backfill.artifact} is a {model['kind']!r} artifact; known kinds: "
+                            f"{', '.join(MODEL_SPECS)}")
+    spec = model_spec(model["kind"])
+    if spec.modality != backfill.mode:
+        raise BackfillError(f"backfill.mode={backfill.mode} needs a {' or '.join(kinds_of(backfill.mode))} "
+                            f"artifact; {backfill.artifact} is a {model['kind']!r} artifact")
+    problem = spec.part("backfill").check(backfill, model)
+    if problem is not None:
+        raise BackfillError(problem)
 
 
 def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: dict[str, Any],
@@ -490,8 +489,7 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
         with progress.reporting(lock.check, backfill.progress_interval_s):
             if pending:
                 context = ShardContext(layout.root, backfill, storage_config, "candidates" in tables, model,
-                                       plan["work"], lock.fence, uuid.uuid4().hex[:12], model["template"],
-                                       model["tokenizer"], model["labels"], data.requests_format,
+                                       plan["work"], lock.fence, uuid.uuid4().hex[:12], data.requests_format,
                                        "users" in tables)
                 for marker in _generate(pending, context, write_pass, plan, data, progress):
                     progress.add(marker)

@@ -103,8 +103,9 @@ def sum_quality(markers: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 def quality_report(sums: Mapping[str, Any], config: BackfillConfig) -> dict[str, Any] | None:
     """The manifest's `quality`: rates over every generated copy (filtered ones included, since the
-    filters are what they measure); None for an image run or one whose shards predate these sums."""
-    if config.mode != "text" or not sums:
+    filters are what they measure); None when no shard scored copy (an image run, or shards that predate
+    these sums)."""
+    if not sums:
         return None
     scored = sums["scored"]
 

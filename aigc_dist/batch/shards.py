@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -38,23 +38,11 @@ from aigc_dist.batch.inputs import WORK_SCHEMA
 from aigc_dist.batch.layout import ERRORS_SCHEMA, RunLayout
 from aigc_dist.batch.lock import Fence
 from aigc_dist.batch.reading import ProfileIndex, read_work_files
+from aigc_dist.batch.tasks import PREPARED_SCHEMA, Results, backfill_task
 from aigc_dist.config import BackfillConfig, StorageConfig
 from aigc_dist.metrics import ActorMetrics
-from aigc_dist.storage import Storage, join_uri
+from aigc_dist.storage import Storage
 
-_KEY_COLUMNS = [("request_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string())]
-# `request`: what an OpenAI Batch line asks for (openai_batch.parse_batch_line, the run's defaults filled
-# in), as JSON; null for the rows of a candidates or requests table, which the run's sampling serves.
-PREPARED_SCHEMA = pa.schema([*_KEY_COLUMNS, ("seed", pa.int64()), ("user", pa.large_string()),
-                             ("item", pa.large_string()), ("raw", pa.large_string()), ("label", pa.int32()),
-                             ("request", pa.large_string())])
-GENERATED_SCHEMAS = {
-    "text": PREPARED_SCHEMA.append(pa.field("content", pa.string())).append(pa.field("num_tokens", pa.int32()))
-    .append(pa.field("prompt_tokens", pa.int32())).append(pa.field("finished", pa.bool_()))
-    .append(pa.field("finish_reason", pa.string())),
-    "image": PREPARED_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32()))
-    .append(pa.field("height", pa.int32())),
-}
 PENDING_ERRORS_SCHEMA = ERRORS_SCHEMA.remove(ERRORS_SCHEMA.get_field_index("created_at"))
 # One generate task: its shard, its place among the shard's tasks, its range's prepared rows and
 # errors (task 0 also the shard's bad profile rows). Generated, the same record is what a generator
@@ -73,13 +61,10 @@ class ShardContext:
     backfill: BackfillConfig
     storage: StorageConfig
     joins_users: bool  # candidates + users + items; False for a pre-joined requests table
-    model: dict[str, Any]  # name, version, digest, kind, max_seq_len, num_classes
+    model: dict[str, Any]  # pipeline.describe_artifact: name, version, digest, kind, sizes, template, tokenizer, labels
     work: str  # the partition pass the plan adopted (`_work/<work>/`)
     fence: Fence  # the driver's lock: checked before every commit and delete
     session: str  # this driver session: names its generated task files, never read by another session
-    template: dict[str, Any] | None = None  # text: the artifact's prompt template
-    tokenizer: dict[str, Any] | None = None
-    labels: list[str] = field(default_factory=list)  # image: class names, index = class id
     requests_format: str = "table"  # data.requests_format: "openai_batch" reads the rows as batch lines
     profiles: bool = False  # users and items tables are given (candidates, or a batch file's aigc lines)
 
@@ -139,16 +124,7 @@ class ShardPreparer:
         self.users: ProfileIndex | None = None  # a batch file's: the whole users snapshot, read on first use
         self.batch = context.requests_format == "openai_batch"
         self.side = "candidates" if context.joins_users else "requests"
-        self.template = self.tokenizer = None
-        if context.template is not None:
-            from aigc_dist.data.prompts import PromptTemplate
-            from aigc_dist.models.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextTokenizer
-
-            self.template = PromptTemplate(**context.template)
-            uri = context.tokenizer["uri"]  # the artifact's own tokenizer files: prompts as its engine encodes them
-            self.tokenizer = TextTokenizer.from_files(self.storage.read_bytes(join_uri(uri, TOKENIZER_FILE)),
-                                                      self.storage.read_bytes(join_uri(uri, TOKENIZER_CONFIG_FILE)),
-                                                      uri)
+        self.task = backfill_task(context, self.storage)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         # One task per output block (the pipeline sets the dataset's block size so): Ray Data hands each
@@ -177,31 +153,6 @@ class ShardPreparer:
             self.users = ProfileIndex(read_work_files(self.storage, self.layout.work_dir(self.context.work, "users",
                                                                                          0)), "user")
         return self.users
-
-    def _condition(self, user: dict[str, Any], item: dict[str, Any],
-                   max_new_tokens: int | None = None) -> tuple[int | None, str | None]:
-        """(image label, None) or (None, why no prompt/condition can be built for this pair)."""
-        backfill, model = self.context.backfill, self.context.model
-        max_new_tokens = max_new_tokens or backfill.max_new_tokens
-        if self.template is not None:
-            from aigc_dist.data.prompts import encode_prompt
-
-            try:
-                prompt = encode_prompt(user, item, self.template, self.tokenizer)
-            except ValueError as exc:  # PromptError, or text that cannot be encoded
-                return None, str(exc)
-            if len(prompt) + max_new_tokens > model["max_seq_len"]:
-                return None, (f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
-                              f"the model's context of {model['max_seq_len']}")
-            return None, None
-        side, name = backfill.image_label_field.split(".", 1)
-        value = (user if side == "user" else item).get(name)
-        if isinstance(value, str) and value in self.context.labels:
-            value = self.context.labels.index(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < model["num_classes"]:
-            return None, (f"{backfill.image_label_field}={value!r} is not a class of the model (an id in "
-                          f"[0, {model['num_classes']}) or one of its {len(self.context.labels)} label names)")
-        return value, None
 
     def prepare(self, shard: int) -> Iterator[dict[str, Any]]:
         """The shard's generate tasks, one by one: its input rows in request_id order, cut at fixed offsets
@@ -255,7 +206,7 @@ class ShardPreparer:
                 return None, ("join", user_problem or item_problem)
         else:
             user = item = json.loads(row["raw"])
-        label, problem = self._condition(user, item)
+        label, problem = self.task.condition(user, item)
         if problem:
             return None, ("prompt", problem)
         return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
@@ -282,7 +233,7 @@ class ShardPreparer:
                                                           self.items.get(row["item_id"]))
             if user_problem or item_problem:
                 return None, ("join", user_problem or item_problem)
-            _, problem = self._condition(user, item, request["max_new_tokens"])
+            _, problem = self.task.condition(user, item, request["max_new_tokens"])
             if problem:
                 return None, ("prompt", problem)
         return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
@@ -297,8 +248,6 @@ class ShardGenerator:
         import ray
         import torch
 
-        from aigc_dist.models.artifact import load_artifact
-
         backfill = context.backfill
         # Each actor gets its share of cores; co-located actors would otherwise oversubscribe them.
         torch.set_num_threads(max(1, int(backfill.cpus_per_actor)))
@@ -306,66 +255,21 @@ class ShardGenerator:
         self.context, self.storage, self.layout = context, Storage(context.storage), RunLayout(context.root)
         # Who generated what, as the manifest reports it: the host and the process of this actor.
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
-        self.mode = context.backfill.mode
-        if self.mode == "text":
-            from aigc_dist.engine.text import SamplingParams
-            from aigc_dist.engine.vllm_engine import text_engine
-
-            engine = backfill.engine
-            self.engine: Any = text_engine(backfill.artifact, self.storage, engine.backend, device=device,
-                                           max_batch_size=backfill.batch_size, kv_cache_gib=engine.vllm_kv_cache_gib,
-                                           gpu_memory_utilization=engine.vllm_gpu_memory_utilization,
-                                           vllm_min_parameters=engine.vllm_min_parameters)
-            self.sampling = SamplingParams(backfill.max_new_tokens, backfill.temperature, backfill.top_k,
-                                           backfill.top_p)
-        else:
-            from aigc_dist.engine.images import ImageEngine
-
-            self.engine = ImageEngine(load_artifact(backfill.artifact, self.storage, device=device),
-                                      max_batch_size=backfill.batch_size)
+        self.task = backfill_task(context, self.storage)
+        self.engine = self.task.open_engine(device)
         self.metrics = ActorMetrics("backfill", {"run": backfill.run_id, "model": context.model["name"]})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.table({"generated": [json.dumps(self.generate(task)) for task in batch.to_pylist()]},
                         schema=GENERATED_SCHEMA)
 
-    def _results(self, requests: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, str | None]]:
-        """(output columns, None) or (None, error) per request, in order."""
-        if self.mode == "text":
-            results = self.engine.generate([self._text_request(r) for r in requests])
-            return [(None, res.error) if res.error else
-                    ({"content": res.text, "num_tokens": res.num_tokens, "prompt_tokens": res.prompt_tokens,
-                      "finished": res.finished, "finish_reason": res.finish_reason}, None) for res in results]
-        from aigc_dist.engine.images import ImageRequest
-
-        results = self.engine.generate([ImageRequest(r["label"], None, r["seed"]) for r in requests])
-        return [(None, res.error) if res.error else
-                ({"image": res.png, "width": res.width, "height": res.height}, None) for res in results]
-
-    def _text_request(self, row: dict[str, Any]) -> Any:
-        """The engine's request for a prepared row: the run's sampling, or a batch line's own (and its raw
-        prompt or chat messages, when it gives them instead of an aigc user and item)."""
-        from aigc_dist.engine.text import SamplingParams, TextRequest
-
-        user, item = json.loads(row["user"]), json.loads(row["item"])
-        if row.get("request") is None:
-            return TextRequest(user, item, row["seed"], self.sampling)
-        request = json.loads(row["request"])
-        sampling = SamplingParams(request["max_new_tokens"], request["temperature"], request["top_k"],
-                                  request["top_p"])
-        return TextRequest(user, item, row["seed"], sampling, prompt=request.get("prompt"),
-                           messages=request.get("messages"), stop=tuple(request["stop"]))
-
-    def _record(self, results: list[tuple[dict[str, Any] | None, str | None]], seconds: float) -> None:
+    def _record(self, results: Results, seconds: float) -> None:
         ok = [columns for columns, problem in results if problem is None]
         self.metrics.observe("aigc_generate_batch_seconds", seconds)
         self.metrics.observe("aigc_generate_batch_size_rows", len(results))
         self.metrics.inc("aigc_generate_rows_total", len(ok), status="ok")
         self.metrics.inc("aigc_generate_rows_total", len(results) - len(ok), status="error")
-        if self.mode == "text":
-            self.metrics.inc("aigc_generated_tokens_total", sum(columns["num_tokens"] for columns in ok))
-        else:
-            self.metrics.inc("aigc_generated_images_total", len(ok))
+        self.task.record(self.metrics, ok)
 
     def generate(self, task: dict[str, Any]) -> dict[str, Any]:
         """Generate one task, write it under `_work/` (whole, as one object) and say where."""
@@ -375,7 +279,7 @@ class ShardGenerator:
         stats = json.loads(task["stats"])
         # One engine call per task: its scheduler keeps backfill.batch_size decode slots busy across
         # the task's rows (task_rows is several batches, so the call's draining tail is a small share).
-        results = self._results(requests) if requests else []
+        results = self.task.generate(self.engine, requests) if requests else []
         if requests:
             self._record(results, time.perf_counter() - started)
         generated = []
@@ -387,7 +291,7 @@ class ShardGenerator:
         stats["seconds"]["generate"] = time.perf_counter() - started
         stats["actors"] = {self.name: len(requests)}
         record = task_row(task["shard"], task["task"], task["num_tasks"],
-                          pa.Table.from_pylist(generated, schema=GENERATED_SCHEMAS[self.mode]),
+                          pa.Table.from_pylist(generated, schema=self.task.generated_schema),
                           pa.Table.from_pylist(errors, schema=PENDING_ERRORS_SCHEMA), stats)
         uri = self.layout.uri(self.layout.generated_file(self.context.work, task["shard"], task["task"],
                                                          self.context.session))

@@ -7,7 +7,7 @@ Unknown keys are rejected (`extra="forbid"`) so a typo never silently falls back
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -245,6 +245,12 @@ class EngineConfig(Section):
         100_000_000, ge=0, description="backend = \"auto\": the smallest model (parameters, from metadata.json) "
         "that runs on vLLM when the process has a GPU. Not measured on a GPU yet: a starting point.",
     )
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of a ModelSpec's engine opener (engine.vllm_engine.text_engine's)."""
+        return {"backend": self.backend, "kv_cache_gib": self.vllm_kv_cache_gib,
+                "gpu_memory_utilization": self.vllm_gpu_memory_utilization,
+                "vllm_min_parameters": self.vllm_min_parameters}
 
 
 NonEmpty = Annotated[str, Field(min_length=1)]

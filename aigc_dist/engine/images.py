@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 
-from aigc_dist.models.artifact import Artifact, ArtifactError, ArtifactStore, load_artifact
-
-IMAGE_KINDS = ("cgan", "cvae")
+from aigc_dist.models.artifact import IMAGE_KINDS, Artifact, ArtifactError, ArtifactStore, load_artifact
 
 
 @dataclass
@@ -98,3 +96,14 @@ class ImageEngine:
             for i, image in zip(chunk, images, strict=True):
                 results[i] = ImageResult(encode_png(image), image.shape[2], image.shape[1], pixels=image)
         return results
+
+
+def image_engine(uri: str, store: ArtifactStore, backend: str = "native", *, device: str = "cpu",
+                 max_batch_size: int = 256, num_threads: int | None = None, **_vllm_settings: Any) -> ImageEngine:
+    """The image engine a backfill actor or a Serve replica runs (the opener the image kinds' ModelSpec
+    names, with the text opener's arguments): images have the native engine only."""
+    if backend == "vllm":
+        raise ArtifactError(f"engine.backend = \"vllm\" generates text; {uri} is an image model, which runs on "
+                            "the native engine (\"native\" or \"auto\")")
+    return ImageEngine(load_artifact(uri, store, device=device), max_batch_size=max_batch_size,
+                       num_threads=num_threads)

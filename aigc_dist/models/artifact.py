@@ -27,8 +27,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from aigc_dist.models.cgan import CGANConfig, Generator
-from aigc_dist.models.cvae import CVAE, CVAEConfig
 from aigc_dist.models.hf_format import (
     METADATA_FORMAT,
     CheckpointError,
@@ -37,6 +35,7 @@ from aigc_dist.models.hf_format import (
     save_checkpoint,
 )
 from aigc_dist.models.llama import LlamaLM
+from aigc_dist.models.spec import kinds_of, model_spec
 from aigc_dist.models.tokenizer import TextTokenizer, byte_level_tokenizer
 
 FORMAT_VERSION = 1
@@ -45,12 +44,10 @@ CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE = "config.json", "model.safetensors", "
 # Key of an LM artifact's metadata.json (and of Artifact.conditioning) that holds its prompt template.
 PROMPT_TEMPLATE_KEY = "prompt_template"
 
-# Image kind -> (config class, model class). For the cGAN only the generator is an artifact: it is
-# all that inference needs; the discriminator lives in training checkpoints.
-MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
-    "cgan": (CGANConfig, Generator),
-    "cvae": (CVAEConfig, CVAE),
-}
+# The kinds stored in this module's format (text models are Hugging Face checkpoints); each spec's
+# `module` is what the artifact holds: for the cGAN only the generator, all that inference needs (the
+# discriminator lives in training checkpoints).
+IMAGE_KINDS = kinds_of("image")
 
 
 class ArtifactError(ValueError):
@@ -117,11 +114,12 @@ def save_artifact(
 ) -> dict[str, Any]:
     """Write an image generator as an artifact at `uri`; returns the metadata written (with its digests).
     Text models are written by `hf_format.save_checkpoint`."""
-    if kind not in MODEL_KINDS:
-        raise ArtifactError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
-    config_cls, model_cls = MODEL_KINDS[kind]
-    if not isinstance(model, model_cls):
-        raise ArtifactError(f"kind {kind!r} stores a {model_cls.__name__}, got {type(model).__name__}")
+    if kind not in IMAGE_KINDS:
+        raise ArtifactError(f"save_artifact writes the image kinds {', '.join(IMAGE_KINDS)} (got {kind!r}); "
+                            "text models are written by hf_format.save_checkpoint")
+    module = model_spec(kind).module
+    if not isinstance(model, module):
+        raise ArtifactError(f"kind {kind!r} stores a {module.__name__}, got {type(model).__name__}")
     config = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -161,6 +159,18 @@ def text_artifact(checkpoint: TextCheckpoint) -> Artifact:
     return Artifact("lm", checkpoint.model, checkpoint.config, checkpoint.tokenizer, conditioning, checkpoint.metadata)
 
 
+def artifact_kind(uri: str, store: ArtifactStore) -> str:
+    """An artifact's kind from its small files, without reading its weights: "lm" for a Hugging Face
+    text checkpoint, else config.json's `kind`."""
+    try:
+        meta = json.loads(store.read_bytes(_join(uri, METADATA_FILE)))
+        if meta.get("format") == METADATA_FORMAT:
+            return "lm"
+        return json.loads(store.read_bytes(_join(uri, CONFIG_FILE))).get("kind")
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{uri} is not a complete artifact: {exc} is missing") from None
+
+
 def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model from the directory alone and check it against its recorded digests."""
     try:
@@ -187,11 +197,11 @@ def load_artifact(uri: str, store: ArtifactStore, device: str | torch.device = "
         raise ArtifactError(f"{uri} is a text model in aigc-dist's earlier format; engines load Hugging Face "
                             f"directories only; `aigc-dist export --to-hf {uri}` says why it cannot be converted "
                             "and prints the train overrides that retrain one of its size")
-    if kind not in MODEL_KINDS:
-        raise ArtifactError(f"{uri}: unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
-    config_cls, model_cls = MODEL_KINDS[kind]
-    model_config = config_cls.from_dict(config["model"])
-    model = model_cls(model_config)
+    if kind not in IMAGE_KINDS:
+        raise ArtifactError(f"{uri}: unknown model kind {kind!r}; known: {', '.join(IMAGE_KINDS)}")
+    spec = model_spec(kind)
+    model_config = spec.config_cls.from_dict(config["model"])
+    model = spec.module(model_config)
     missing, unexpected = model.load_state_dict(safetensors.torch.load(weights), strict=False)
     tied = set(model.state_dict()) - set(_unique_state(model))
     if unexpected or set(missing) - tied:

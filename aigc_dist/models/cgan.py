@@ -89,6 +89,15 @@ class CGANConfig(ConditionalImageConfig):
         check_config_int(type(self).__name__, "width", self.width, 1)
 
 
+# Sizes by preset, as plain data (the LM's are llama.LM_PRESETS); image_size, channels and classes
+# come from the data.
+CGAN_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"width": 16, "z_dim": 32},  # ~0.1M parameters at 16x16: tests and the CPU demo
+    "small": {"width": 32, "z_dim": 64},
+    "base": {"width": 64, "z_dim": 128},
+}
+
+
 class ConditionEmbedding(nn.Module):
     """Condition = learned label embedding concatenated with the raw numeric features."""
 

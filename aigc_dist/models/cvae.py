@@ -35,6 +35,13 @@ class CVAEConfig(ConditionalImageConfig):
         check_config_int(owner, "hidden_dim", self.hidden_dim, 1)
 
 
+CVAE_PRESETS: dict[str, dict[str, int]] = {  # as cgan.CGAN_PRESETS
+    "tiny": {"width": 16, "hidden_dim": 128, "latent_dim": 16},
+    "small": {"width": 32, "hidden_dim": 256, "latent_dim": 16},
+    "base": {"width": 64, "hidden_dim": 512, "latent_dim": 32},
+}
+
+
 class Encoder(nn.Module):
     """(image, condition) -> (mu, logvar) of q(z | x, c)."""
 

@@ -43,9 +43,9 @@ from aigc_dist.config import AigcConfig, DataConfig, ServeConfig, StorageConfig,
 from aigc_dist.config.loader import merge, validate_config
 from aigc_dist.engine.images import ImageEngine, ImageRequest
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, TextResult
-from aigc_dist.engine.vllm_engine import text_engine
 from aigc_dist.metrics import ActorMetrics
-from aigc_dist.models.artifact import load_artifact
+from aigc_dist.models.artifact import ArtifactError, artifact_kind
+from aigc_dist.models.spec import model_spec
 from aigc_dist.serve.auth import BearerAuthMiddleware, load_api_keys
 from aigc_dist.serve.http import (
     OPENAI_ROUTES,
@@ -170,21 +170,24 @@ class AigcServe(OpenAIRoutes):
         if text_uri is None and image_uri is None:
             raise ValueError("serve.artifact or serve.image_artifact must name an artifact to serve")
         if text_uri != self.text_uri:
-            self.text = self._text_engine(text_uri) if text_uri else None
+            self.text = self._engine(text_uri, "text") if text_uri else None
             self.text_uri = text_uri
         if image_uri != self.image_uri:
-            self.image = ImageEngine(load_artifact(image_uri, self.storage)) if image_uri else None
+            self.image = self._engine(image_uri, "image") if image_uri else None
             self.image_uri = image_uri
 
-    def _text_engine(self, uri: str) -> TextEngine:
+    def _engine(self, uri: str, route: str) -> Any:
+        """The engine its kind's ModelSpec opens on the artifact, for the text or the image routes."""
         import torch
 
-        engine = self.limits.engine
+        spec = model_spec(artifact_kind(uri, self.storage))
+        if spec.modality != route:
+            field = "serve.artifact" if route == "text" else "serve.image_artifact"
+            raise ArtifactError(f"{field}: {uri} is a {spec.kind} artifact (a {spec.modality} model), not a "
+                                f"{route} model")
         device = "cuda" if self.limits.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        return text_engine(uri, self.storage, engine.backend, device=device, max_batch_size=self.limits.max_batch_size,
-                           kv_cache_gib=engine.vllm_kv_cache_gib,
-                           gpu_memory_utilization=engine.vllm_gpu_memory_utilization,
-                           vllm_min_parameters=engine.vllm_min_parameters)
+        return spec.part("engine")(uri, self.storage, device=device, max_batch_size=self.limits.max_batch_size,
+                                   **self.limits.engine.options())
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from aigc_dist.models.artifact import MODEL_KINDS, save_artifact
+from aigc_dist.models.artifact import save_artifact
 from aigc_dist.models.hf_adapter import save_adapter
 from aigc_dist.models.hf_format import peek_checkpoint, save_checkpoint, weights_digest
 from aigc_dist.models.llama import LlamaLM, LMConfig
 from aigc_dist.models.lora import add_lora, merge_lora
+from aigc_dist.models.spec import model_spec
 from aigc_dist.models.tokenizer import TextTokenizer, byte_level_tokenizer
 from aigc_dist.storage import Storage, join_uri
 from aigc_dist.train.checkpoints import (
@@ -99,8 +100,8 @@ def save_trained_artifact(
         meta = save_checkpoint(uri, model.eval(), tokenizer, storage, metadata=metadata)
         log.info("exported lm checkpoint %s (digest %s)", uri, meta["digest"][:12])
         return meta
-    config_cls, model_cls = MODEL_KINDS[kind]
-    model = model_cls(config_cls.from_dict(spec["model"]))
+    kind_spec = model_spec(kind)
+    model = kind_spec.module(kind_spec.config_cls.from_dict(spec["model"]))
     model.load_state_dict(state_dict, strict=True)
     meta = save_artifact(uri, kind, model.eval(), storage, conditioning=spec.get("conditioning") or {},
                          metadata=metadata)

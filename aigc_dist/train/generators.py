@@ -29,24 +29,11 @@ from aigc_dist.models.hf_format import load_checkpoint
 from aigc_dist.models.llama import LM_PRESETS, LlamaLM, LMConfig, lm_config_from_preset
 from aigc_dist.models.lora import add_lora
 from aigc_dist.models.losses import collate_examples, lm_loss
+from aigc_dist.models.spec import model_spec
 from aigc_dist.models.tokenizer import byte_level_tokenizer
 from aigc_dist.storage import Storage
 from aigc_dist.train.datasets import image_dataset, lm_dataset, prompt_template
 from aigc_dist.train.sources import fetch_source, is_hub_id, open_source
-
-# Image generator sizes by preset, as plain data (the LM's are `LM_PRESETS`).
-IMAGE_PRESETS: dict[str, dict[str, dict[str, int]]] = {
-    "cgan": {
-        "tiny": {"width": 16, "z_dim": 32},  # ~0.1M parameters at 16x16: tests and the CPU demo
-        "small": {"width": 32, "z_dim": 64},
-        "base": {"width": 64, "z_dim": 128},
-    },
-    "cvae": {
-        "tiny": {"width": 16, "hidden_dim": 128, "latent_dim": 16},
-        "small": {"width": 32, "hidden_dim": 256, "latent_dim": 16},
-        "base": {"width": 64, "hidden_dim": 512, "latent_dim": 32},
-    },
-}
 
 
 @dataclass
@@ -66,6 +53,7 @@ class Recipe(Protocol):
     engine_names: tuple[str, ...]  # one DeepSpeed engine per name; also checkpoint sub-directories
     artifact_engine: str  # the engine whose module becomes the artifact
     throughput_unit: str  # "tokens" or "samples": what the progress line counts per second
+    progress_extras: tuple[str, ...]  # the StepResult.extra names its progress line and reports carry
 
     def build_modules(self) -> dict[str, nn.Module]: ...
 
@@ -187,8 +175,11 @@ class LMRecipe:
     engine_names = ("model",)
     artifact_engine = "model"
     throughput_unit = "tokens"
+    progress_extras: tuple[str, ...] = ()
 
-    def __init__(self, model: ModelConfig, data: DataConfig, train: TrainConfig, storage: StorageConfig | None = None):
+    def __init__(self, model: ModelConfig, data: DataConfig, train: TrainConfig,
+                 precision_dtype: torch.dtype = torch.float32, storage: StorageConfig | None = None):  # fmt: skip
+        # (DeepSpeed casts the LM's weights; its inputs are token ids, so precision_dtype is not needed here.)
         self.storage = storage or StorageConfig()
         self.source = model.source
         _check_finetune(model)  # before any download
@@ -275,8 +266,10 @@ def _lora_spec(model: ModelConfig, config: LMConfig) -> dict[str, Any] | None:
 class _ImageRecipe:
     throughput_unit = "samples"
 
-    def __init__(self, model: ModelConfig, train: TrainConfig, precision_dtype: torch.dtype):
-        presets = IMAGE_PRESETS[self.kind]
+    def __init__(self, model: ModelConfig, data: DataConfig, train: TrainConfig,
+                 precision_dtype: torch.dtype = torch.float32, storage: StorageConfig | None = None):  # fmt: skip
+        # (Pixels come from train.dataset alone: data's prompt settings and storage are the text recipe's.)
+        presets = model_spec(self.kind).presets
         if model.preset not in presets:
             raise ConfigError(
                 f"model.preset: unknown {self.kind} preset {model.preset!r}; choose one of {', '.join(presets)}"
@@ -307,6 +300,7 @@ class CVAERecipe(_ImageRecipe):
     config_cls = CVAEConfig
     engine_names = ("model",)
     artifact_engine = "model"
+    progress_extras = ("reconstruction", "kl")
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"model": CVAE(self.config)}
@@ -328,6 +322,7 @@ class CGANRecipe(_ImageRecipe):
     config_cls = CGANConfig
     engine_names = ("generator", "discriminator")
     artifact_engine = "generator"
+    progress_extras = ("loss_d", "d_real", "d_fake")
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"generator": Generator(self.config), "discriminator": Discriminator(self.config)}
@@ -347,10 +342,6 @@ def _dataset_uri(train: TrainConfig) -> str:
 
 def make_recipe(model: ModelConfig, data: DataConfig, train: TrainConfig, precision_dtype: torch.dtype = torch.float32,
                 storage: StorageConfig | None = None) -> Recipe:  # fmt: skip
-    """The recipe for `model.kind`; a `ConfigError` names the field when the preset, the source
-    checkpoint or the LoRA settings cannot work. `storage` reaches an s3:// model.source."""
-    if model.kind == "lm":
-        return LMRecipe(model, data, train, storage)
-    if model.kind == "cvae":
-        return CVAERecipe(model, train, precision_dtype)
-    return CGANRecipe(model, train, precision_dtype)
+    """The recipe `model.kind`'s ModelSpec names; a `ConfigError` names the field when the preset, the
+    source checkpoint or the LoRA settings cannot work. `storage` reaches an s3:// model.source."""
+    return model_spec(model.kind).part("recipe")(model, data, train, precision_dtype, storage)

@@ -18,6 +18,7 @@ from typing import Any
 
 from aigc_dist.config import ConfigError
 from aigc_dist.models.hf_format import METADATA_FORMAT
+from aigc_dist.models.spec import kinds_of
 from aigc_dist.storage import Storage, join_uri
 
 # The earlier format's text presets, by (n_layer, n_head, d_model); today's presets have the same names
@@ -66,7 +67,7 @@ def convert_to_hf(uri: str, storage: Storage) -> str:
         raise ConfigError(f"--to-hf: {uri} is not an aigc-dist artifact of the earlier format (it needs "
                           "config.json with format_version 1 and metadata.json)")
     kind = config.get("kind")
-    if kind in ("cgan", "cvae"):
+    if kind in kinds_of("image"):
         return f"{uri} is a {kind} artifact: image artifacts keep their format, engines load it as it is"
     if kind != "lm":
         raise ConfigError(f"--to-hf: {uri}: unknown artifact kind {kind!r}")

@@ -291,7 +291,7 @@ class WorkerRun:
 
         train = self.s.train
         lr_source = next(iter(self.engines.values()))
-        window = ProgressWindow(self._extra_names())
+        window = ProgressWindow(list(self.recipe.progress_extras))
         last_checkpoint, last_report = state.step, time.monotonic()
         report_interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
         for engine in self.engines.values():
@@ -327,9 +327,6 @@ class WorkerRun:
                 break
             tick = time.perf_counter()  # checkpoint and report time is not step time
         return last_checkpoint
-
-    def _extra_names(self) -> list[str]:
-        return {"cgan": ["loss_d", "d_real", "d_fake"], "cvae": ["reconstruction", "kl"]}.get(self.recipe.kind, [])
 
     def _progress(
         self, state: TrainerState, window: ProgressWindow, lr: float, report_due: bool

@@ -30,7 +30,7 @@ def source(tmp_path_factory, train_kit) -> str:
 
 def recipe(source: str, **model) -> LMRecipe:
     return LMRecipe(ModelConfig(source=source, **model), DataConfig(max_prompt_tokens=128), TrainConfig(),
-                    StorageConfig())  # fmt: skip
+                    storage=StorageConfig())
 
 
 def test_the_source_gives_config_weights_tokenizer_and_the_text_layout(source):
