@@ -206,12 +206,12 @@ class ShardPreparer:
                 return None, ("join", user_problem or item_problem)
         else:
             user = item = json.loads(row["raw"])
-        label, problem = self.task.condition(user, item)
+        condition, problem = self.task.condition(user, item)
         if problem:
             return None, ("prompt", problem)
         return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
                 "seed": row_seed(self.context.backfill.seed, row["key"]), "user": json.dumps(user),
-                "item": json.dumps(item), "raw": row["raw"], "label": label, "request": None}, None
+                "item": json.dumps(item), "raw": row["raw"], "request": None, **condition}, None
 
     def _prepare_line(self, row: dict[str, Any]) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
         """A batch file's line: its request with the run's sampling where the body leaves it; an aigc line
@@ -226,6 +226,7 @@ class ShardPreparer:
         request.update({k: v for k, v in defaults.items() if request.get(k) is None})
         user: dict[str, Any] = {}
         item: dict[str, Any] = {}
+        condition: dict[str, Any] = {}  # a raw prompt or messages: the engine encodes them
         if "aigc" in request:
             if not self.context.profiles:
                 return None, ("join", "body.aigc names a user and an item: set data.users and data.items")
@@ -233,12 +234,12 @@ class ShardPreparer:
                                                           self.items.get(row["item_id"]))
             if user_problem or item_problem:
                 return None, ("join", user_problem or item_problem)
-            _, problem = self.task.condition(user, item, request["max_new_tokens"])
+            condition, problem = self.task.condition(user, item, request["max_new_tokens"])
             if problem:
                 return None, ("prompt", problem)
         return {"request_id": row["key"], "user_id": row["user_id"], "item_id": row["item_id"],
                 "seed": request["seed"], "user": json.dumps(user), "item": json.dumps(item), "raw": row["raw"],
-                "label": None, "request": json.dumps(request)}, None
+                "request": json.dumps(request), **condition}, None
 
 
 class ShardGenerator:

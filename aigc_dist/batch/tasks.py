@@ -37,12 +37,15 @@ if TYPE_CHECKING:
 Results = list[tuple[dict[str, Any] | None, str | None]]
 
 _KEY_COLUMNS = [("request_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string())]
-# A request ready to generate, as the preparer hands it to a generator. `request`: what an OpenAI
-# Batch line asks for (openai_batch.parse_batch_line, the run's defaults filled in), as JSON; null for
-# the rows of a candidates or requests table, which the run's sampling serves.
-PREPARED_SCHEMA = pa.schema([*_KEY_COLUMNS, ("seed", pa.int64()), ("user", pa.large_string()),
+# A request as generated rows carry it to finish. `request`: what an OpenAI Batch line asks for
+# (openai_batch.parse_batch_line, the run's defaults filled in), as JSON; null for the rows of a
+# candidates or requests table, which the run's sampling serves. `label`: an image's class.
+_REQUEST_SCHEMA = pa.schema([*_KEY_COLUMNS, ("seed", pa.int64()), ("user", pa.large_string()),
                              ("item", pa.large_string()), ("raw", pa.large_string()), ("label", pa.int32()),
                              ("request", pa.large_string())])
+# ... and as the preparer hands it to a generator: plus the features' prompt as token ids (text), encoded
+# once, where the preparer checks that it fits the context, and not again by the engine.
+PREPARED_SCHEMA = _REQUEST_SCHEMA.append(pa.field("prompt_ids", pa.list_(pa.int32())))
 
 
 def backfill_task(context: ShardContext, storage: Storage) -> BackfillTask:
@@ -71,8 +74,9 @@ class BackfillTask:
         raise NotImplementedError
 
     def condition(self, user: dict[str, Any], item: dict[str, Any],
-                  max_new_tokens: int | None = None) -> tuple[int | None, str | None]:
-        """(image label or None, None), or (None, why no prompt or condition can be built for the pair)."""
+                  max_new_tokens: int | None = None) -> tuple[dict[str, Any], str | None]:
+        """(the prepared row's condition columns: `prompt_ids` or `label`, None), or ({}, why no prompt or
+        condition can be built for the pair)."""
         raise NotImplementedError
 
     def open_engine(self, device: str) -> Any:
@@ -100,7 +104,7 @@ class TextTask(BackfillTask):
     """Copy from a prompt: rendered from the user and item with the artifact's template and tokenizer."""
 
     modality = "text"
-    generated_schema = (PREPARED_SCHEMA.append(pa.field("content", pa.string()))
+    generated_schema = (_REQUEST_SCHEMA.append(pa.field("content", pa.string()))
                         .append(pa.field("num_tokens", pa.int32())).append(pa.field("prompt_tokens", pa.int32()))
                         .append(pa.field("finished", pa.bool_())).append(pa.field("finish_reason", pa.string())))
     data_schema = TEXT_SCHEMA
@@ -133,7 +137,7 @@ class TextTask(BackfillTask):
         return self._prompts
 
     def condition(self, user: dict[str, Any], item: dict[str, Any],
-                  max_new_tokens: int | None = None) -> tuple[int | None, str | None]:
+                  max_new_tokens: int | None = None) -> tuple[dict[str, Any], str | None]:
         from aigc_dist.data.prompts import encode_prompt
 
         max_new_tokens = max_new_tokens or self.backfill.max_new_tokens
@@ -141,11 +145,11 @@ class TextTask(BackfillTask):
         try:
             prompt = encode_prompt(user, item, *self._template_and_tokenizer())
         except ValueError as exc:  # PromptError, or text that cannot be encoded
-            return None, str(exc)
+            return {}, str(exc)
         if len(prompt) + max_new_tokens > max_seq_len:
-            return None, (f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
-                          f"the model's context of {max_seq_len}")
-        return None, None
+            return {}, (f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                        f"the model's context of {max_seq_len}")
+        return {"prompt_ids": prompt}, None
 
     def generate(self, engine: Any, rows: list[dict[str, Any]]) -> Results:
         results = engine.generate([self._request(r) for r in rows])
@@ -158,16 +162,17 @@ class TextTask(BackfillTask):
         prompt or chat messages, when it gives them instead of an aigc user and item)."""
         from aigc_dist.engine.text import SamplingParams, TextRequest
 
-        user, item = json.loads(row["user"]), json.loads(row["item"])
         if row.get("request") is None:
             backfill = self.backfill
-            return TextRequest(user, item, row["seed"], SamplingParams(backfill.max_new_tokens, backfill.temperature,
-                                                                       backfill.top_k, backfill.top_p))
+            sampling = SamplingParams(backfill.max_new_tokens, backfill.temperature, backfill.top_k, backfill.top_p)
+            return TextRequest(seed=row["seed"], sampling=sampling, prompt_ids=row["prompt_ids"])
         request = json.loads(row["request"])
         sampling = SamplingParams(request["max_new_tokens"], request["temperature"], request["top_k"],
                                   request["top_p"])
-        return TextRequest(user, item, row["seed"], sampling, prompt=request.get("prompt"),
-                           messages=request.get("messages"), stop=tuple(request["stop"]))
+        # A batch line's aigc user and item were rendered by the preparer; its raw prompt or messages are not.
+        return TextRequest(seed=row["seed"], sampling=sampling, prompt=request.get("prompt"),
+                           messages=request.get("messages"), stop=tuple(request["stop"]),
+                           prompt_ids=row["prompt_ids"])
 
     def record(self, metrics: ActorMetrics, ok: list[dict[str, Any]]) -> None:
         metrics.inc("aigc_generated_tokens_total", sum(columns["num_tokens"] for columns in ok))
@@ -192,7 +197,7 @@ class ImageTask(BackfillTask):
     """An image per row, conditioned on a class: `backfill.image_label_field` (an id or a label name)."""
 
     modality = "image"
-    generated_schema = (PREPARED_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32()))
+    generated_schema = (_REQUEST_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32()))
                         .append(pa.field("height", pa.int32())))
     data_schema = IMAGE_SCHEMA
 
@@ -208,16 +213,16 @@ class ImageTask(BackfillTask):
         return hashlib.sha256(f"image:{backfill.image_label_field}".encode()).hexdigest()[:16]
 
     def condition(self, user: dict[str, Any], item: dict[str, Any],
-                  max_new_tokens: int | None = None) -> tuple[int | None, str | None]:
+                  max_new_tokens: int | None = None) -> tuple[dict[str, Any], str | None]:
         field, model, labels = self.backfill.image_label_field, self.context.model, self.context.model["labels"]
         side, name = field.split(".", 1)
         value = (user if side == "user" else item).get(name)
         if isinstance(value, str) and value in labels:
             value = labels.index(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < model["num_classes"]:
-            return None, (f"{field}={value!r} is not a class of the model (an id in [0, {model['num_classes']}) "
-                          f"or one of its {len(labels)} label names)")
-        return value, None
+            return {}, (f"{field}={value!r} is not a class of the model (an id in [0, {model['num_classes']}) "
+                        f"or one of its {len(labels)} label names)")
+        return {"label": value}, None
 
     def generate(self, engine: Any, rows: list[dict[str, Any]]) -> Results:
         from aigc_dist.engine.images import ImageRequest

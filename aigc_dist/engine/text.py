@@ -68,7 +68,9 @@ class TextRequest:
       as plain text so that no content can forge a turn. A model without a chat template answers the
       request with `error` = NO_CHAT_TEMPLATE. user/item are not used.
     At most one of `prompt` and `messages` may be set (ValueError otherwise); `max_prompt_tokens` of
-    the template applies to features only, the context window to all three.
+    the template applies to features only, the context window to all three. `prompt_ids`, when given,
+    are the features' prompt already encoded by this artifact's template and tokenizer (the backfill's
+    preparer does it once per row, to check it fits the context); the engine uses them as they are.
     """
 
     user: Mapping[str, Any] = field(default_factory=dict)
@@ -81,6 +83,8 @@ class TextRequest:
     """Raw text to continue (see above)."""
     messages: Sequence[Mapping[str, str]] | None = None
     """Chat messages, each {"role": "system" | "user" | "assistant", "content": str}; other keys are ignored."""
+    prompt_ids: Sequence[int] | None = None
+    """The features' prompt as token ids, encoded by the caller with the artifact's template and tokenizer."""
     stop: tuple[str, ...] = ()
     """Up to 4 non-empty stop strings, matched on the decoded text: the request ends as soon as its text
     holds one, and its text is cut just before the first occurrence (finish_reason "stop")."""
@@ -88,6 +92,8 @@ class TextRequest:
     def __post_init__(self) -> None:
         if self.prompt is not None and self.messages is not None:
             raise ValueError("a TextRequest takes prompt or messages, not both")
+        if self.prompt_ids is not None and (self.prompt is not None or self.messages is not None):
+            raise ValueError("prompt_ids are the features' prompt: a TextRequest with prompt or messages takes none")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string (got {type(self.prompt).__name__})")
         if self.messages is not None:
@@ -293,6 +299,8 @@ class TextEngine:
             return encode_text(request.prompt, self.tokenizer)
         if request.messages is not None:
             return encode_chat(request.messages, self.tokenizer)
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
         return encode_prompt(request.user, request.item, self.template, self.tokenizer)
 
     def _prepare(self, requests: Sequence[TextRequest]) -> tuple[list[TextResult], list[DecodeRequest], list[int]]:

@@ -66,6 +66,19 @@ def test_engine_equals_direct_decode_of_its_prompts(world, artifact):
     assert all(r.error is None and r.prompt_tokens == len(p) for r, p in zip(results, prompts, strict=True))
 
 
+def test_a_prompt_encoded_by_the_caller_gives_the_features_copy(world, artifact):
+    """The backfill encodes each row's prompt once (to check it fits) and hands the ids to the engine."""
+    requests = requests_for(world, 4, SamplingParams(max_new_tokens=12, temperature=0.8))
+    encoded = [TextRequest(seed=r.seed, sampling=r.sampling, prompt_ids=encode_prompt(r.user, r.item, TEMPLATE, TOK))
+               for r in requests]
+    features, ids = TextEngine(artifact).generate(requests), TextEngine(artifact).generate(encoded)
+    assert [(r.text, r.prompt_tokens) for r in ids] == [(r.text, r.prompt_tokens) for r in features]
+    too_long = TextRequest(prompt_ids=encoded[0].prompt_ids, sampling=SamplingParams(max_new_tokens=190))
+    assert "exceeds the model's context" in TextEngine(artifact).generate([too_long])[0].error
+    with pytest.raises(ValueError, match="prompt_ids"):
+        TextRequest(prompt="hello", prompt_ids=[1, 2])
+
+
 def test_same_seed_same_copy_and_batch_size_does_not_matter(world, artifact):
     requests = requests_for(world, 8, SamplingParams(max_new_tokens=12, temperature=1.0))
     whole = TextEngine(artifact, max_batch_size=8).generate(requests)
