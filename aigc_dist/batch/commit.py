@@ -22,13 +22,13 @@ import logging
 import math
 import time
 import uuid
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aigc_dist.batch.layout import OUTPUT_DIRS, RunLayout
 from aigc_dist.batch.lock import Fence
+from aigc_dist.batch.run_state import CommitMarker, OutputFile, ShardStats, read_marker, write_marker
 from aigc_dist.storage import AlreadyExistsError, Storage
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def file_parts(table: pa.Table, max_file_bytes: int | None) -> list[pa.Table]:
 
 
 def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[str, pa.Table | list[str]],
-                 stats: dict[str, Any], fence: Fence, max_file_bytes: int | None = None) -> dict[str, Any]:
+                 stats: ShardStats, fence: Fence, max_file_bytes: int | None = None) -> CommitMarker:
     """Write `outputs` ({"data": table, "errors": table}, and JSON lines by kind: layout.JSONL_KINDS) as the
     shard's files and commit them (a table over `max_file_bytes` as several files, in row order).
 
@@ -69,7 +69,7 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
                 relative = layout.output_file(kind, shard, attempt)
                 body = "".join(f"{line}\n" for line in table).encode("utf-8", "backslashreplace")
                 storage.write_bytes(layout.uri(relative), body)
-                files.append({"path": relative, "kind": kind, "rows": len(table), "bytes": len(body)})
+                files.append(OutputFile(relative, kind, len(table), len(body)))
             continue
         if table.num_rows == 0:
             continue
@@ -78,25 +78,25 @@ def commit_shard(layout: RunLayout, storage: Storage, shard: int, outputs: dict[
             relative = layout.output_file(kind, shard, attempt, number if len(parts) > 1 else None)
             body = parquet_bytes(part)
             storage.write_bytes(layout.uri(relative), body)
-            files.append({"path": relative, "kind": kind, "rows": part.num_rows, "bytes": len(body)})
-    marker = {"shard": shard, "attempt": attempt, "committed_at": utc_now(), "files": files, **stats}
+            files.append(OutputFile(relative, kind, part.num_rows, len(body)))
+    marker = CommitMarker(shard, attempt, utc_now(), tuple(files), stats)
     fence.check(storage)
     try:
-        storage.write_json(layout.commit_marker(shard), marker, if_absent=True)
+        write_marker(layout, storage, marker)
         return marker
     except AlreadyExistsError:
-        winner = storage.read_json(layout.commit_marker(shard))
+        winner = read_marker(layout, storage, shard)
     # A retried PUT whose first try did land (the connection dropped after the write) finds our own
     # marker: that is our commit, and its files must stay.
-    if winner["attempt"] != attempt:
+    if winner.attempt != attempt:
         fence.check(storage)
-        log.warning("shard %d was committed by attempt %s; discarding attempt %s", shard, winner["attempt"], attempt)
+        log.warning("shard %d was committed by attempt %s; discarding attempt %s", shard, winner.attempt, attempt)
         for entry in files:
-            storage.delete(layout.uri(entry["path"]))
+            storage.delete(layout.uri(entry.path))
     return winner
 
 
-def sweep_uncommitted(layout: RunLayout, storage: Storage, committed: dict[int, dict[str, Any]],
+def sweep_uncommitted(layout: RunLayout, storage: Storage, committed: dict[int, CommitMarker],
                       fence: Fence) -> list[str]:
     """Delete the output files (data/, errors/, openai/) that no marker of `committed` names; returns what
     was deleted.
@@ -107,7 +107,7 @@ def sweep_uncommitted(layout: RunLayout, storage: Storage, committed: dict[int, 
     names now never will be named. The lock is checked before every delete.
     """
     listed = [uri for directory in OUTPUT_DIRS for uri in storage.list(layout.uri(directory))]
-    kept = {layout.uri(entry["path"]) for marker in committed.values() for entry in marker["files"]}
+    kept = {layout.uri(entry.path) for marker in committed.values() for entry in marker.files}
     orphans = [uri for uri in listed if uri not in kept]
     for uri in orphans:
         fence.check(storage)

@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from aigc_dist.batch.commit import commit_shard
 from aigc_dist.batch.layout import ERRORS_SCHEMA, STAGES, RunLayout
 from aigc_dist.batch.lock import FencedError
 from aigc_dist.batch.openai_batch import output_lines
+from aigc_dist.batch.run_state import CommitMarker, Counts, ShardStats, read_marker
 from aigc_dist.batch.shards import ShardContext, error_row, from_ipc
 from aigc_dist.batch.tasks import backfill_task
 from aigc_dist.storage import Storage
@@ -54,22 +56,22 @@ def read_generated(tasks: list[dict[str, Any]], storage: Storage,
     return table, errors, stats
 
 
-def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext) -> dict[str, Any]:
+def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext) -> CommitMarker:
     """Evaluate and filter a generated shard, write its files and commit it; returns the commit marker."""
     storage, layout = Storage(context.storage), RunLayout(context.root)
     # A retry of this task after its first try committed (its node died before it returned) finds
     # the marker, and the task files that try deleted are not needed.
     if storage.exists(layout.commit_marker(shard)):
-        return storage.read_json(layout.commit_marker(shard))
+        return read_marker(layout, storage, shard)
     started = time.perf_counter()
-    backfill, task = context.backfill, backfill_task(context, storage)
+    backfill, modality = context.backfill, backfill_task(context, storage)
     created_at = datetime.datetime.now(datetime.UTC)
-    generated, errors, stats = read_generated(tasks, storage, task.generated_schema)
-    side = stats.pop("side")
+    generated, errors, stats = read_generated(tasks, storage, modality.generated_schema)
+    side = stats["side"]
     data, answered = [], []  # answered: the generated rows kept in data/, for the OpenAI output lines
     scored = []  # each generated copy's entry of the shard's quality sums (text), filtered ones too
     for row in generated.to_pylist():
-        columns, score, reason = task.finish_row(row)
+        columns, score, reason = modality.finish_row(row)
         if score is not None:
             scored.append(score)
         if reason is not None:
@@ -82,23 +84,19 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     requests_side = [e for e in errors if e["table"] == side]
     by_stage = {stage: sum(e["stage"] == stage for e in requests_side) for stage in STAGES}
     filtered = by_stage["filter"]
-    stats.update(
-        counts={"total": len(data) + len(requests_side), "ok": len(data),
-                "quarantined": len(requests_side) - filtered, "filtered": filtered,
-                "by_stage": {k: v for k, v in by_stage.items() if v},
-                "profiles": {table: sum(e["table"] == table for e in errors) for table in ("users", "items")}},
-        tokens={"generated": sum(r.get("num_tokens", 0) for r in data),
-                "prompt": sum(r.get("prompt_tokens", 0) for r in data)},
-        tasks=len(tasks),
-    )
-    stats.update(task.shard_stats(scored))
-    stats["seconds"]["finish"] = time.perf_counter() - started
-    outputs: dict[str, Any] = {"data": pa.Table.from_pylist(data, schema=task.data_schema),
+    counts = Counts(total=len(data) + len(requests_side), ok=len(data), quarantined=len(requests_side) - filtered,
+                    filtered=filtered, by_stage={k: v for k, v in by_stage.items() if v},
+                    profiles={table: sum(e["table"] == table for e in errors) for table in ("users", "items")})
+    seconds = {**stats["seconds"], "finish": time.perf_counter() - started}
+    shard_stats = ShardStats(counts, sum(r.get("num_tokens", 0) for r in data),
+                             sum(r.get("prompt_tokens", 0) for r in data), seconds, stats["actors"], len(tasks),
+                             modality.shard_quality(scored))
+    outputs: dict[str, Any] = {"data": pa.Table.from_pylist(data, schema=modality.data_schema),
                                "errors": pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)}
     if backfill.output_format == "parquet+openai":
         outputs.update(output_lines(backfill.run_id, context.model["name"], answered, errors, side,
                                     int(created_at.timestamp())))
-    marker = commit_shard(layout, storage, shard, outputs, stats, context.fence, backfill.max_file_bytes)
+    marker = commit_shard(layout, storage, shard, outputs, shard_stats, context.fence, backfill.max_file_bytes)
     # Committed (ours or a winner's): the task files are this session's own and no longer needed;
     # what a failed delete leaves goes with `_work/` when the run completes.
     for task in tasks:
@@ -109,10 +107,18 @@ def finish_shard(shard: int, tasks: list[dict[str, Any]], context: ShardContext)
     return marker
 
 
-def finish_generated(shard: int, tasks: list[dict[str, Any]], context: ShardContext) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Fenced:
+    """What finish_generated returns when the driver's lock was taken over: nothing was committed."""
+
+    shard: int
+    reason: str
+
+
+def finish_generated(shard: int, tasks: list[dict[str, Any]], context: ShardContext) -> CommitMarker | Fenced:
     """Ray task: finish the shard; its commit marker, or (the driver's lock was taken over) why nothing
     was committed, which the driver must hear as such (exit 4), not as a failed task."""
     try:
         return finish_shard(shard, tasks, context)
     except FencedError as exc:
-        return {"shard": shard, "fenced": str(exc)}
+        return Fenced(shard, str(exc))

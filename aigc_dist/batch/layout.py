@@ -121,16 +121,14 @@ class RunLayout:
         return f"{kind}/shard-{shard:05d}-{attempt}{suffix}.parquet"
 
 
-def read_commits(layout: RunLayout, storage: Storage) -> dict[int, dict[str, Any]]:
-    """Every commit marker of the run, by shard."""
-    markers = [uri for uri in storage.list(layout.commits) if uri.endswith(".json")]
-    commits = [storage.read_json(uri) for uri in markers]
-    return {c["shard"]: c for c in commits}
-
-
 def read_manifest(root: str, storage: Storage) -> dict[str, Any]:
     """The manifest of a completed run; FileNotFoundError while the run is incomplete."""
     return storage.read_json(RunLayout(root).manifest)
+
+
+def write_manifest(root: str, storage: Storage, manifest: dict[str, Any]) -> None:
+    """The run's last write: readers trust only the files it lists."""
+    storage.write_json(RunLayout(root).manifest, manifest)
 
 
 def read_output(root: str, storage: Storage | None = None) -> tuple[pa.Table, pa.Table]:

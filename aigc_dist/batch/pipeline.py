@@ -22,6 +22,7 @@ content change, same size or not) is refused, naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,15 +37,16 @@ from itertools import zip_longest
 from typing import Any
 
 from aigc_dist.batch.commit import sweep_uncommitted
-from aigc_dist.batch.finish import finish_generated
+from aigc_dist.batch.finish import Fenced, finish_generated
 from aigc_dist.batch.inputs import InputTable, RowRules, describe_input_change, identify, resolve_input
-from aigc_dist.batch.layout import RunLayout, read_commits
+from aigc_dist.batch.layout import RunLayout, read_manifest, write_manifest
 from aigc_dist.batch.lock import FencedError, RunLock
 from aigc_dist.batch.openai_batch import request_counts
 from aigc_dist.batch.progress import Progress, build_manifest
 from aigc_dist.batch.quality import quality_report, sum_quality
 from aigc_dist.batch.reading import count_rows, read_work_rows, work_dataset
 from aigc_dist.batch.records import ReadLimits
+from aigc_dist.batch.run_state import CommitMarker, Plan, read_commits, read_plan, write_plan
 from aigc_dist.batch.shards import ShardContext, ShardGenerator, ShardPreparer
 from aigc_dist.batch.startup import input_ready, room_to_overlap, start_gate
 from aigc_dist.config import BackfillConfig, DataConfig, MetricsConfig, QualityConfig, StorageConfig, config_digest
@@ -207,16 +209,16 @@ def _check_inputs(then: list[Any], now: list[Any], run_id: str) -> None:
 
 
 def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable], backfill: BackfillConfig,
-               data: DataConfig, id_salt: str, lock: RunLock) -> tuple[dict[str, Any], Callable[[], None] | None]:
+               data: DataConfig, id_salt: str, lock: RunLock) -> tuple[Plan, Callable[[], None] | None]:
     """The run's plan, and the pass that writes its input under `_work/<pass>/` (None once the plan exists).
 
     The plan's shard count is known once the input is counted, before the pass writes a row: the
     driver starts the actor pools while the pass runs (startup.py). The pass writes `_plan.json` last.
     """
     fingerprint = [table.fingerprint for table in tables.values()]
-    if storage.exists(layout.plan):
-        plan = storage.read_json(layout.plan)
-        _check_inputs(plan["inputs"], fingerprint, backfill.run_id)
+    plan = read_plan(layout, storage)
+    if plan is not None:
+        _check_inputs(plan.inputs, fingerprint, backfill.run_id)
         return plan, None
     _failpoint("partition")
     # A pass of its own: files of an earlier pass (one that died, or of a driver that lost the lock)
@@ -227,8 +229,7 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
     kind = "batch" if data.requests_format == "openai_batch" and side == "requests" else side
     total, chunks = count_rows(tables[side], storage, limits)
     num_shards = max(1, math.ceil(total / backfill.rows_per_file))
-    plan = {"num_shards": num_shards, "total_rows": total, "rows_per_file": backfill.rows_per_file,
-            "inputs": fingerprint, "work": work}
+    plan = Plan(num_shards, total, backfill.rows_per_file, fingerprint, work)
 
     def write_pass() -> None:
         log.info("partitioning %s rows of %s into %d shards", f"{total:,}", side, num_shards)
@@ -249,10 +250,10 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
         _check_inputs(fingerprint, [identify(t, storage).fingerprint for t in tables.values()], backfill.run_id)
         _fenced(lock, storage)
         try:
-            storage.write_json(layout.plan, {**plan, "planned_at": time.time()}, if_absent=True)
+            write_plan(layout, storage, dataclasses.replace(plan, planned_at=time.time()))
         except AlreadyExistsError:  # a retried write that landed: the plan there must be this pass's
-            written = storage.read_json(layout.plan)
-            if written["work"] != work:
+            written = read_plan(layout, storage)
+            if written is None or written.work != work:
                 raise BackfillError(f"another driver planned run {backfill.run_id} while this one held its lock "
                                     f"({layout.plan}); run the same config again to resume") from None
         _failpoint("planned")
@@ -261,9 +262,9 @@ def _partition(layout: RunLayout, storage: Storage, tables: dict[str, InputTable
     return plan, write_pass
 
 
-def _item_refs(layout: RunLayout, storage: Storage, plan: dict[str, Any], data: DataConfig) -> tuple[Any, list[Any]]:
+def _item_refs(layout: RunLayout, storage: Storage, plan: Plan, data: DataConfig) -> tuple[Any, list[Any]]:
     """The items snapshot of the run, as object-store blocks every preparer actor fetches once (a broadcast)."""
-    items = work_dataset(storage, layout.work_dir(plan["work"], "items", 0))
+    items = work_dataset(storage, layout.work_dir(plan.work, "items", 0))
     if items is None:
         return None, []
     items = items.materialize()
@@ -330,7 +331,7 @@ def _generated_tasks(pending: list[int], context: ShardContext, gate: Any) -> It
 
 
 def _shard_pipeline(pending: list[int], context: ShardContext, gate: Any,
-                    progress: Progress) -> Iterator[dict[str, Any]]:
+                    progress: Progress) -> Iterator[CommitMarker]:
     """Generate the pending shards, finish each once all its tasks are in; yields each commit marker."""
     import ray
 
@@ -338,10 +339,10 @@ def _shard_pipeline(pending: list[int], context: ShardContext, gate: Any,
     gathered: dict[int, dict[int, dict[str, Any]]] = {}
     finishing: list[Any] = []
 
-    def committed(refs: list[Any]) -> Iterator[dict[str, Any]]:
+    def committed(refs: list[Any]) -> Iterator[CommitMarker]:
         for marker in ray.get(refs):
-            if "fenced" in marker:  # this driver's lock was taken over: nothing more is ours to do
-                raise FencedError(marker["fenced"])
+            if isinstance(marker, Fenced):  # this driver's lock was taken over: nothing more is ours to do
+                raise FencedError(marker.reason)
             yield marker
 
     for task in _generated_tasks(pending, context, gate):
@@ -363,7 +364,7 @@ def _shard_pipeline(pending: list[int], context: ShardContext, gate: Any,
 
 
 def _generate(pending: list[int], context: ShardContext, write_pass: Callable[[], None] | None,
-              plan: dict[str, Any], data: DataConfig, progress: Progress) -> Iterator[dict[str, Any]]:
+              plan: Plan, data: DataConfig, progress: Progress) -> Iterator[CommitMarker]:
     """The pending shards' commit markers; a new run's partition pass (`write_pass`) runs beside the
     actor pools' start when the cluster has room for both (startup.py)."""
     layout, storage, backfill = RunLayout(context.root), Storage(context.storage), context.backfill
@@ -400,7 +401,7 @@ def _check_artifact(backfill: BackfillConfig, model: dict[str, Any]) -> None:
         raise BackfillError(problem)
 
 
-def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: dict[str, Any],
+def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan: Plan,
             progress: Progress, lock: RunLock, backfill: BackfillConfig, openai: bool = False) -> dict[str, Any]:
     """Every shard committed: sweep uncommitted files, write the manifest (last), drop the work files.
 
@@ -408,7 +409,7 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
     miss a marker, and the sweep would delete files the manifest lists.
     """
     committed = read_commits(layout, storage)
-    missing = sorted(set(range(plan["num_shards"])) - set(committed))
+    missing = sorted(set(range(plan.num_shards)) - set(committed))
     if missing:
         raise BackfillError(f"shards {missing[:10]} did not commit; run again to resume")
     _failpoint("before_manifest")
@@ -420,7 +421,7 @@ def _finish(layout: RunLayout, storage: Storage, run_info: dict[str, Any], plan:
     if openai:  # an OpenAI Batch file in, or OpenAI-shaped files out: its counts as a Batch object gives them
         manifest["request_counts"] = request_counts(manifest["counts"])
     _fenced(lock, storage)
-    storage.write_json(layout.manifest, manifest)
+    write_manifest(layout.root, storage, manifest)
     _fenced(lock, storage)
     storage.delete_tree(layout.work)  # absent (a pass that wrote nothing) is no error
     storage.delete(layout.progress)
@@ -466,7 +467,7 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
     layout = RunLayout(parse_uri(join_uri(backfill.output, backfill.run_id)).uri)
     identity = _identity(backfill, data, model)
     if storage.exists(layout.manifest):
-        manifest = storage.read_json(layout.manifest)
+        manifest = read_manifest(layout.root, storage)
         if manifest["output_digest"] != identity["output_digest"]:
             raise BackfillError(f"run {backfill.run_id} at {layout.root} is complete, with other settings; "
                                 "use a new backfill.run_id")
@@ -482,14 +483,14 @@ def run_backfill(backfill: BackfillConfig, data: DataConfig, storage_config: Sto
         run_info = _record_run(layout, storage, backfill, model, identity, lock)
         plan, write_pass = _partition(layout, storage, tables, backfill, data, _id_salt(backfill, model), lock)
         committed = read_commits(layout, storage) if write_pass is None else {}
-        pending = [k for k in range(plan["num_shards"]) if k not in committed]
-        log.info("backfill %s: %d of %d shards to do (%s)", backfill.run_id, len(pending), plan["num_shards"],
+        pending = [k for k in range(plan.num_shards) if k not in committed]
+        log.info("backfill %s: %d of %d shards to do (%s)", backfill.run_id, len(pending), plan.num_shards,
                  layout.root)
         progress = Progress(layout, storage, backfill.run_id, plan, committed, started, metrics)
         with progress.reporting(lock.check, backfill.progress_interval_s):
             if pending:
                 context = ShardContext(layout.root, backfill, storage_config, "candidates" in tables, model,
-                                       plan["work"], lock.fence, uuid.uuid4().hex[:12], data.requests_format,
+                                       plan.work, lock.fence, uuid.uuid4().hex[:12], data.requests_format,
                                        "users" in tables)
                 for marker in _generate(pending, context, write_pass, plan, data, progress):
                     progress.add(marker)

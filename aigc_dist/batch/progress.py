@@ -13,39 +13,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from aigc_dist.batch.layout import MANIFEST_FORMAT, RunLayout, read_commits
+from aigc_dist.batch.layout import MANIFEST_FORMAT, RunLayout, read_manifest
 from aigc_dist.batch.lock import describe_holder, lock_is_stale
+from aigc_dist.batch.run_state import CommitMarker, Plan, read_commits, read_plan, sum_counts
 from aigc_dist.metrics import DriverMetrics
 from aigc_dist.storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-def sum_counts(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Rows by status and by failing stage, generated tokens and per-stage seconds over commit markers."""
-    totals: dict[str, Any] = {"total": 0, "ok": 0, "quarantined": 0, "filtered": 0, "by_stage": {},
-                              "profiles": {"users": 0, "items": 0}, "tokens": 0, "prompt_tokens": 0, "seconds": {},
-                              "actors": {}, "tasks": 0}
-    for marker in markers:
-        counts = marker["counts"]
-        for key in ("total", "ok", "quarantined", "filtered"):
-            totals[key] += counts[key]
-        for table, n in counts.get("profiles", {}).items():  # bad rows of the users and items tables
-            totals["profiles"][table] += n
-        for stage, n in counts["by_stage"].items():
-            totals["by_stage"][stage] = totals["by_stage"].get(stage, 0) + n
-        totals["tokens"] += marker["tokens"]["generated"]
-        totals["prompt_tokens"] += marker["tokens"]["prompt"]
-        for stage, s in marker["seconds"].items():
-            totals["seconds"][stage] = totals["seconds"].get(stage, 0.0) + s
-        for actor, n in marker.get("actors", {}).items():  # rows each generator actor generated
-            totals["actors"][actor] = totals["actors"].get(actor, 0) + n
-        totals["tasks"] += marker.get("tasks", 1)
-    return totals
 
 
 def format_duration(seconds: float | None) -> str:
@@ -59,8 +37,8 @@ def format_duration(seconds: float | None) -> str:
 class Progress:
     """The driver's running count of committed shards; reports on a timer and refreshes the lock."""
 
-    def __init__(self, layout: RunLayout, storage: Storage, run_id: str, plan: dict[str, Any],
-                 committed: dict[int, dict[str, Any]], session_started: float, metrics: DriverMetrics | None = None):
+    def __init__(self, layout: RunLayout, storage: Storage, run_id: str, plan: Plan,
+                 committed: dict[int, CommitMarker], session_started: float, metrics: DriverMetrics | None = None):
         self.layout, self.storage, self.run_id, self.plan = layout, storage, run_id, plan
         self.markers = dict(committed)
         self.session_started = session_started  # when this driver started: its partition pass counts too
@@ -73,7 +51,7 @@ class Progress:
         self._lock = threading.Lock()
         self.metrics = metrics
         if metrics is not None:
-            metrics.set("aigc_backfill_input_rows", plan["total_rows"])
+            metrics.set("aigc_backfill_input_rows", plan.total_rows)
             self._export_ratio()
 
     def generated(self, task: dict[str, Any]) -> None:
@@ -90,30 +68,30 @@ class Progress:
                 self.metrics.inc("aigc_backfill_generated_rows_total", task["rows"])
                 self._export_ratio()
 
-    def add(self, marker: dict[str, Any]) -> None:
+    def add(self, marker: CommitMarker) -> None:
         with self._lock:
-            new = marker["shard"] not in self.markers
-            self.in_flight.pop(marker["shard"], None)
+            new = marker.shard not in self.markers
+            self.in_flight.pop(marker.shard, None)
             if new:
-                self.session_rows += marker["counts"]["total"]
-                self.session_tokens += marker["tokens"]["generated"]
-            self.markers[marker["shard"]] = marker
+                self.session_rows += marker.stats.counts.total
+                self.session_tokens += marker.stats.generated_tokens
+            self.markers[marker.shard] = marker
             if new and self.metrics is not None:
                 self._export(marker)
 
-    def _export(self, marker: dict[str, Any]) -> None:
+    def _export(self, marker: CommitMarker) -> None:
         """Counters get what this session committed; the ratio counts every session of the run."""
-        counts = marker["counts"]
+        counts = marker.stats.counts
         for status in ("ok", "quarantined", "filtered"):
-            self.metrics.inc("aigc_backfill_rows_total", counts[status], status=status)
-        self.metrics.inc("aigc_backfill_tokens_total", marker["tokens"]["generated"])
-        for entry in marker["files"]:
-            self.metrics.inc("aigc_storage_written_bytes_total", entry["bytes"], kind=entry["kind"])
+            self.metrics.inc("aigc_backfill_rows_total", getattr(counts, status), status=status)
+        self.metrics.inc("aigc_backfill_tokens_total", marker.stats.generated_tokens)
+        for entry in marker.files:
+            self.metrics.inc("aigc_storage_written_bytes_total", entry.bytes, kind=entry.kind)
         self._export_ratio()
 
     def _export_ratio(self) -> None:
-        total = self.plan["total_rows"]
-        done = sum(m["counts"]["total"] for m in self.markers.values()) + sum(self.in_flight.values())
+        total = self.plan.total_rows
+        done = sum(m.stats.counts.total for m in self.markers.values()) + sum(self.in_flight.values())
         self.metrics.set("aigc_backfill_progress_ratio", done / total if total else 1.0)
 
     def generation_rate(self, now: float) -> tuple[float | None, float | None]:
@@ -134,11 +112,11 @@ class Progress:
             in_flight = sum(self.in_flight.values())
             rate, token_rate = self.generation_rate(now)
         done = counts["total"] + in_flight
-        remaining = self.plan["total_rows"] - done
+        remaining = self.plan.total_rows - done
         return {
             "run_id": self.run_id, "state": "running", "updated_at": now,
-            "session_started_at": self.session_started, "num_shards": self.plan["num_shards"],
-            "shards_committed": shards_done, "total_rows": self.plan["total_rows"], "rows_done": done,
+            "session_started_at": self.session_started, "num_shards": self.plan.num_shards,
+            "shards_committed": shards_done, "total_rows": self.plan.total_rows, "rows_done": done,
             "rows_committed": counts["total"],
             "ok": counts["ok"], "quarantined": counts["quarantined"], "filtered": counts["filtered"],
             "tokens": counts["tokens"], "rows_per_s": rate, "tokens_per_s": token_rate,
@@ -195,26 +173,26 @@ def progress_line(snap: dict[str, Any]) -> str:
             f"ETA {format_duration(snap.get('eta_s'))}")
 
 
-def build_manifest(layout: RunLayout, run_info: dict[str, Any], plan: dict[str, Any],
-                   markers: dict[int, dict[str, Any]], progress: Progress) -> dict[str, Any]:
+def build_manifest(layout: RunLayout, run_info: dict[str, Any], plan: Plan,
+                   markers: dict[int, CommitMarker], progress: Progress) -> dict[str, Any]:
     """The manifest of a run whose every shard is committed; it lists only committed files."""
     counts = sum_counts(markers.values())
-    if counts["total"] != plan["total_rows"]:
+    if counts["total"] != plan.total_rows:
         raise RuntimeError(f"the committed shards hold {counts['total']} rows but the input has "
-                           f"{plan['total_rows']}; the output of {layout.root} is inconsistent")
+                           f"{plan.total_rows}; the output of {layout.root} is inconsistent")
     files: dict[str, list[dict[str, Any]]] = {"data": [], "errors": []}
     for shard in sorted(markers):
-        for entry in markers[shard]["files"]:
-            files.setdefault(entry["kind"], []).append({"path": entry["path"], "shard": shard,
-                                                        "rows": entry["rows"], "bytes": entry["bytes"]})
+        for entry in markers[shard].files:
+            files.setdefault(entry.kind, []).append({"path": entry.path, "shard": shard, "rows": entry.rows,
+                                                     "bytes": entry.bytes})
     finished = time.time()
     session_s = max(finished - progress.session_started, 1e-9)
     data_files = len(files["data"])
     return {
         "format_version": MANIFEST_FORMAT, "run_id": run_info["run_id"], "state": "complete", "root": layout.root,
         "mode": run_info["mode"], "model": run_info["model"], "config_digest": run_info["config_digest"],
-        "output_digest": run_info["output_digest"], "inputs": plan["inputs"],
-        "num_shards": plan["num_shards"], "rows_per_file": plan["rows_per_file"],
+        "output_digest": run_info["output_digest"], "inputs": plan.inputs,
+        "num_shards": plan.num_shards, "rows_per_file": plan.rows_per_file,
         "counts": {k: counts[k] for k in ("total", "ok", "quarantined", "filtered", "by_stage", "profiles")},
         "files": files,
         "bytes": {kind: sum(f["bytes"] for f in entries) for kind, entries in files.items()},
@@ -239,7 +217,7 @@ def run_status(root: str, storage: Storage, stale_after_s: float = 300.0) -> dic
     """State, counts, progress, throughput and ETA of a run, from its manifest or its in-progress files."""
     layout = RunLayout(root)
     try:
-        manifest = storage.read_json(layout.manifest)
+        manifest = read_manifest(root, storage)
     except FileNotFoundError:
         manifest = None
     if manifest is not None:
@@ -254,10 +232,8 @@ def run_status(root: str, storage: Storage, stale_after_s: float = 300.0) -> dic
     if not storage.exists(layout.run_info):
         return {"run_id": root.rsplit("/", 1)[-1], "state": "not started", "detail": f"nothing at {root}"}
     run_info = storage.read_json(layout.run_info)
-    try:
-        plan = storage.read_json(layout.plan)
-    except FileNotFoundError:
-        plan = {"num_shards": 0, "total_rows": 0}
+    plan = read_plan(layout, storage)
+    num_shards, total_rows = (plan.num_shards, plan.total_rows) if plan is not None else (0, 0)
     commits = read_commits(layout, storage)
     counts = sum_counts(commits.values())
     try:
@@ -265,7 +241,7 @@ def run_status(root: str, storage: Storage, stale_after_s: float = 300.0) -> dic
     except FileNotFoundError:
         lock = None
     stale = lock_is_stale(lock, stale_after_s) if lock is not None else "no driver holds the run"
-    state = ("partitioning input" if plan["num_shards"] == 0 else "running") if stale is None else "interrupted"
+    state = ("partitioning input" if plan is None else "running") if stale is None else "interrupted"
     try:
         session = storage.read_json(layout.progress)
     except FileNotFoundError:
@@ -274,9 +250,9 @@ def run_status(root: str, storage: Storage, stale_after_s: float = 300.0) -> dic
     # The driver's rows done count generated rows its commits had not yet caught up with; a driver
     # that is gone left only its commits.
     done = max(counts["total"], session.get("rows_done", 0)) if stale is None else counts["total"]
-    remaining = plan["total_rows"] - done
-    status = {"run_id": run_info["run_id"], "state": state, "num_shards": plan["num_shards"],
-              "shards_committed": len(commits), "total_rows": plan["total_rows"],
+    remaining = total_rows - done
+    status = {"run_id": run_info["run_id"], "state": state, "num_shards": num_shards,
+              "shards_committed": len(commits), "total_rows": total_rows,
               "rows_done": done, "rows_committed": counts["total"],
               **{k: counts[k] for k in ("ok", "quarantined", "filtered")},
               "tokens": counts["tokens"], "rows_per_s": rate, "tokens_per_s": session.get("tokens_per_s"),

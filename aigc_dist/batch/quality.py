@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from aigc_dist.batch.run_state import CommitMarker
 from aigc_dist.config import BackfillConfig, QualityConfig
 from aigc_dist.evaluation.text import distinct_n, has_repetition, is_grounded, is_personalized
 
@@ -92,11 +93,11 @@ def shard_quality(scored: Sequence[tuple[str, str, str, Mapping[str, Any], tuple
     return sums
 
 
-def sum_quality(markers: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def sum_quality(markers: Iterable[CommitMarker]) -> dict[str, Any]:
     """The shards' quality sums added up (markers of runs older than these sums hold none)."""
     total: dict[str, Any] = {}
     for marker in markers:
-        for key, value in marker.get("quality", {}).items():
+        for key, value in (marker.stats.quality or {}).items():
             total[key] = total.get(key, 0) + value
     return total
 

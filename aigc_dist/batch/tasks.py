@@ -9,7 +9,7 @@ names (models/spec.py: lm -> TextTask, cgan and cvae -> ImageTask):
     open_engine       the generator: the kind's engine on the artifact, once per actor
     generate, record  the generator: one engine call over a task's rows; its metrics
     finish_row        finish: a generated row's data/ columns, its quality and the filter's verdict
-    shard_stats       finish: what the shard adds to its commit marker (text: the quality sums)
+    shard_quality     finish: the shard's quality sums its commit marker holds (text)
 
 Each task is built per actor from the `ShardContext` (small and picklable), so the stages carry no
 engine, tokenizer or template across Ray.
@@ -96,8 +96,8 @@ class BackfillTask:
         None; why the filters drop it, or None)."""
         raise NotImplementedError
 
-    def shard_stats(self, scored: list[tuple]) -> dict[str, Any]:
-        return {}
+    def shard_quality(self, scored: list[tuple]) -> dict[str, Any] | None:
+        return None
 
 
 class TextTask(BackfillTask):
@@ -189,8 +189,8 @@ class TextTask(BackfillTask):
         checks = copy_checks(row["content"], backfill)
         return out, (row["user_id"], row["item_id"], row["content"], out, checks), filter_reason(out, checks, backfill)
 
-    def shard_stats(self, scored: list[tuple]) -> dict[str, Any]:
-        return {"quality": shard_quality(scored, self.backfill)}
+    def shard_quality(self, scored: list[tuple]) -> dict[str, Any] | None:
+        return shard_quality(scored, self.backfill)
 
 
 class ImageTask(BackfillTask):

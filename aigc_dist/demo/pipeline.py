@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from aigc_dist.batch.layout import RunLayout, read_commits, read_output
+from aigc_dist.batch.layout import RunLayout, read_output
+from aigc_dist.batch.run_state import read_commits
 from aigc_dist.config import AigcConfig, ConfigError, dump_config
 from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
 from aigc_dist.demo.console import Console, Reading, Stage, format_seconds, routed_output
@@ -251,8 +252,8 @@ class BackfillWatcher:
             markers = read_commits(self.layout, self.storage).values()
         except (OSError, ValueError):  # a marker being written: the next reading counts it
             return f"{self.samples[-1][1]:,}/{self.total_rows:,} rows", None
-        rows = sum(m["counts"]["total"] for m in markers)
-        tokens = sum(m["tokens"]["generated"] for m in markers)
+        rows = sum(m.stats.counts.total for m in markers)
+        tokens = sum(m.stats.generated_tokens for m in markers)
         now = time.monotonic() - self.started
         if rows != self.samples[-1][1]:
             self.samples.append((now, rows, tokens))

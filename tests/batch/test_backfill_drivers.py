@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from aigc_dist.batch.layout import RunLayout, read_commits
+from aigc_dist.batch.layout import RunLayout
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, BackfillError, run_backfill
+from aigc_dist.batch.run_state import read_commits
 from aigc_dist.cli import EXIT_RUN_LOCKED
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.storage import Storage

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from aigc_dist.batch.inputs import stable_request_id
-from aigc_dist.batch.layout import RunLayout, read_commits, read_output
+from aigc_dist.batch.layout import RunLayout, read_output
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, run_backfill
 from aigc_dist.batch.records import raw_json
+from aigc_dist.batch.run_state import read_commits
 from aigc_dist.batch.shards import row_seed
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest

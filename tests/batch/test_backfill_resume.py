@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from aigc_dist.batch.layout import RunLayout, read_commits
+from aigc_dist.batch.layout import RunLayout
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, run_backfill
 from aigc_dist.batch.progress import run_status
+from aigc_dist.batch.run_state import read_commits
 from aigc_dist.cli import EXIT_RUN_LOCKED, main
 from aigc_dist.config import StorageConfig
 from aigc_dist.storage import Storage
@@ -82,7 +83,7 @@ def test_second_driver_fails_fast_then_sigkill_from_outside_and_resume(uninterru
     # `backfill status` of a run whose driver is gone: interrupted, its committed rows, how to resume.
     status = run_status(str(tmp_path / "busy"), storage)
     assert status["state"] == "interrupted" and status["shards_committed"] == len(commits)
-    assert status["rows_done"] == status["rows_committed"] == sum(m["counts"]["total"] for m in commits.values())
+    assert status["rows_done"] == status["rows_committed"] == sum(m.stats.counts.total for m in commits.values())
     assert status["eta_s"] is None and "run the same config again to resume" in status["detail"]
 
     manifest = run_backfill(backfill, data, StorageConfig())  # the dead driver's lock is stale at once
