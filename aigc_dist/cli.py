@@ -156,7 +156,7 @@ def run_config(cfg: AigcConfig, args: argparse.Namespace) -> int:
 
 
 def run_demo(cfg: AigcConfig, args: argparse.Namespace) -> int:
-    from aigc_dist.demo import run_demo as demo
+    from aigc_dist.demo.pipeline import run_demo as demo
 
     # The demo's own defaults (aigc_dist/demo/defaults.toml) sit under the same --config and overrides.
     demo(args.output, args.config, args.overrides, tiny=args.tiny)

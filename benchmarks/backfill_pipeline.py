@@ -38,7 +38,7 @@ from aigc_dist.batch.pipeline import run_backfill
 from aigc_dist.batch.shards import row_seed
 from aigc_dist.config import BackfillConfig, DataConfig, StorageConfig
 from aigc_dist.data.prompts import PromptTemplate, template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
+from aigc_dist.demo.world import WorldConfig, make_world, write_world
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning
 from aigc_dist.models.artifact import load_artifact, save_text_artifact
 from aigc_dist.models.llama import LlamaLM, lm_config_from_preset

@@ -43,7 +43,7 @@ from aigc_dist.batch.pipeline import run_backfill
 from aigc_dist.batch.progress import run_status
 from aigc_dist.config import BackfillConfig, DataConfig, StorageConfig
 from aigc_dist.data.prompts import PromptTemplate
-from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
+from aigc_dist.demo.world import WorldConfig, make_world, write_world
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.artifact import save_text_artifact
 from aigc_dist.models.llama import LlamaLM, lm_config_from_preset

@@ -47,7 +47,7 @@ from aigc_dist.batch.inputs import stable_request_id
 from aigc_dist.batch.layout import read_manifest, read_output
 from aigc_dist.config import BackfillConfig, DataConfig, EngineConfig
 from aigc_dist.data.prompts import PromptTemplate, encode_prompt, template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
+from aigc_dist.demo.world import WorldConfig, make_world, write_world
 from aigc_dist.engine.text import prompt_conditioning, prompt_template_of
 from aigc_dist.models.artifact import load_artifact, save_text_artifact
 from aigc_dist.models.llama import LlamaLM, lm_config_from_preset

@@ -325,7 +325,7 @@ def copy_world() -> CopyWorld:
     """500 users x 10 candidates over 120 items; the prompt keeps only the fields the copy needs (segment and
     locale pick the phrase and language, title and category ground it): ~75 tokens instead of ~125."""
     from aigc_dist.data.prompts import PromptTemplate
-    from aigc_dist.data.synthetic import WorldConfig, make_world
+    from aigc_dist.demo.world import WorldConfig, make_world
 
     config = WorldConfig(num_users=COPY_WORLD_USERS, num_items=120, candidates_per_user=10, seed=0)
     users = make_world(config).users.to_pylist()
@@ -340,7 +340,7 @@ def trained_copy_model(copy_world: CopyWorld, tmp_path_factory: pytest.TempPathF
     import torch
 
     from aigc_dist.data.prompts import encode_example
-    from aigc_dist.data.synthetic import make_world
+    from aigc_dist.demo.world import make_world
     from aigc_dist.engine.text import prompt_conditioning
     from aigc_dist.models.artifact import save_text_artifact
     from aigc_dist.models.llama import LlamaLM, lm_config_from_preset

@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 from aigc_dist.batch.layout import RunLayout, read_output
 from aigc_dist.batch.run_state import read_commits
 from aigc_dist.config import AigcConfig, ConfigError, dump_config
-from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
 from aigc_dist.demo.console import Console, Reading, Stage, format_seconds, routed_output
 from aigc_dist.demo.settings import DemoLayout, DemoSizes, demo_config
+from aigc_dist.demo.world import WorldConfig, make_world, write_world
 from aigc_dist.optional import optional_import
 from aigc_dist.storage import Storage, join_uri, parse_uri
 

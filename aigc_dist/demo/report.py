@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aigc_dist.data.synthetic import world_quality
 from aigc_dist.demo.console import format_seconds
 from aigc_dist.demo.report_html import render_html
+from aigc_dist.demo.world import world_quality
 from aigc_dist.evaluation.text import evaluate_text
 from aigc_dist.optional import optional_import
 from aigc_dist.storage import Storage, join_uri
@@ -233,7 +233,7 @@ def _clip(text: str, limit: int) -> str:
 def rerun_commands(run: DemoRun) -> list[tuple[str, str, str]]:
     """(stage, this machine, at scale) commands; the config file is the demo's resolved config."""
     config, cfg, sizes = run.layout.config_file, run.cfg, run.sizes
-    world = ("python -c \"from aigc_dist.data.synthetic import WorldConfig, write_world\n"
+    world = ("python -c \"from aigc_dist.demo.world import WorldConfig, write_world\n"
              "write_world(WorldConfig(num_users={users}, num_items={items}, "
              f"candidates_per_user={sizes.candidates_per_user}), {{where!r}})\"")
     s3_tables = ("  --data.users=s3://BUCKET/world/users.parquet --data.items=s3://BUCKET/world/items.parquet")

@@ -11,7 +11,7 @@ from typing import Any
 
 from aigc_dist.config import AigcConfig, ConfigError, parse_overrides, read_config_file
 from aigc_dist.config.loader import merge, validate_config
-from aigc_dist.data.synthetic import world_quality
+from aigc_dist.demo.world import world_quality
 from aigc_dist.storage import join_uri, parse_uri
 
 HERE = Path(__file__).resolve().parent

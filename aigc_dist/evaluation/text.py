@@ -3,7 +3,7 @@
 Grounding (the copy names its item) and personalization (it reflects a feature of its user) follow
 rules of the user's data (`QualityConfig`: which item fields are a mention, which user feature and
 phrases count), never a built-in vocabulary; the demo's synthetic world supplies its own rules
-(`aigc_dist.data.synthetic.world_quality`), under which its reference copy scores 1.0 on both.
+(`aigc_dist.demo.world.world_quality`), under which its reference copy scores 1.0 on both.
 Distinct-n and repetition catch the usual failure of small generators: the same few phrases, loops.
 
 Tokens for n-grams: each CJK character (and CJK / full-width punctuation) is one token, since Chinese

@@ -1,7 +1,7 @@
 """Training examples as Ray Datasets (parquet, local or S3), and batches of them as tensors.
 
 Text: `train.dataset` holds (user_id, item_id, copy) rows, e.g. the `copy.parquet` that
-`aigc_dist.data.synthetic.write_world` writes. When `data.users` / `data.items` are set, features
+`aigc_dist.demo.world.write_world` writes. When `data.users` / `data.items` are set, features
 are looked up there by id (a broadcast join: the feature tables are small next to the examples);
 otherwise the feature columns are read from the example rows themselves. Ray Data tasks render and
 tokenize each row with `encode_example`, so tokenization runs beside training, not inside it, and

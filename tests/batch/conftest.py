@@ -24,7 +24,7 @@ import torch
 from aigc_dist.batch.layout import RunLayout, read_output
 from aigc_dist.config import BackfillConfig, DataConfig
 from aigc_dist.data.prompts import PromptTemplate
-from aigc_dist.data.synthetic import CATEGORIES, WorldConfig, write_world
+from aigc_dist.demo.world import CATEGORIES, WorldConfig, write_world
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.artifact import save_artifact, save_text_artifact
 from aigc_dist.models.cgan import CGANConfig, Generator

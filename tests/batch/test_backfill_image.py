@@ -13,7 +13,7 @@ from PIL import Image
 from aigc_dist.batch.layout import read_output
 from aigc_dist.batch.pipeline import run_backfill
 from aigc_dist.config import StorageConfig
-from aigc_dist.data.synthetic import CATEGORIES
+from aigc_dist.demo.world import CATEGORIES
 
 pytestmark = pytest.mark.slow
 MAX_FILE_BYTES = 16 * 1024

@@ -26,7 +26,7 @@ from aigc_dist.batch.run_state import read_commits
 from aigc_dist.batch.shards import row_seed
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.demo.world import WorldConfig, make_world
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.artifact import save_text_artifact
 from aigc_dist.models.llama import LlamaLM, LMConfig

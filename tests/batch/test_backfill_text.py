@@ -19,7 +19,7 @@ from aigc_dist.batch.shards import row_seed
 from aigc_dist.cli import main
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world, world_quality, write_world
+from aigc_dist.demo.world import WorldConfig, make_world, world_quality, write_world
 from aigc_dist.evaluation.text import distinct_n, grounding_rate, is_grounded, is_personalized
 from aigc_dist.storage import Storage, join_uri
 

@@ -19,7 +19,7 @@ from aigc_dist.batch.layout import RunLayout, read_output
 from aigc_dist.batch.pipeline import FAILPOINT_ENV, BackfillError, run_backfill
 from aigc_dist.batch.run_state import read_commits
 from aigc_dist.config import DataConfig, EngineConfig, StorageConfig
-from aigc_dist.data.synthetic import make_world, write_world
+from aigc_dist.demo.world import make_world, write_world
 from aigc_dist.storage import Storage, join_uri
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from aigc_dist.batch.reading import number_chunks, read_table_rows, text_chunks
 from aigc_dist.batch.records import ReadLimits, count_text_chunk, read_text_chunk
 from aigc_dist.config import DataConfig, StorageConfig
 from aigc_dist.data.prompts import template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.demo.world import WorldConfig, make_world
 from aigc_dist.serve.profiles import InvalidProfileError, ProfileTable
 from aigc_dist.storage import Storage
 

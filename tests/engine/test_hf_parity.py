@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from aigc_dist.data.prompts import PromptTemplate, encode_prompt
-from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.demo.world import WorldConfig, make_world
 from aigc_dist.engine.cpu_layout import prepare_for_decode
 from aigc_dist.engine.decode import DecodeRequest
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning

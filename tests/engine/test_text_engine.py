@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aigc_dist.data.prompts import PromptTemplate, encode_prompt
-from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.demo.world import WorldConfig, make_world
 from aigc_dist.engine.decode import DecodeRequest, decode_stream
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, prompt_conditioning
 from aigc_dist.models.artifact import Artifact, ArtifactError, load_artifact, save_artifact, save_text_artifact

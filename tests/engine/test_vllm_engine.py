@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from aigc_dist.data.synthetic import make_world
+from aigc_dist.demo.world import make_world
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest, TextResult
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.storage import Storage

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from aigc_dist.config import QualityConfig
-from aigc_dist.data.synthetic import WorldConfig, make_world, world_quality
+from aigc_dist.demo.world import WorldConfig, make_world, world_quality
 from aigc_dist.evaluation.text import (
     distinct_n,
     evaluate_text,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from aigc_dist.data.prompts import encode_example, encode_prompt
-from aigc_dist.data.synthetic import make_world, world_quality
+from aigc_dist.demo.world import make_world, world_quality
 from aigc_dist.engine.decode import DecodeRequest, decode_stream
 from aigc_dist.evaluation.text import evaluate_text, perplexity
 from aigc_dist.models.artifact import load_artifact

@@ -17,7 +17,7 @@ from aigc_dist.batch.inputs import stable_request_id
 from aigc_dist.batch.layout import read_output
 from aigc_dist.config import BackfillConfig, DataConfig
 from aigc_dist.data.prompts import PromptTemplate, template_digest
-from aigc_dist.data.synthetic import WorldConfig, make_world, write_world
+from aigc_dist.demo.world import WorldConfig, make_world, write_world
 from aigc_dist.engine.text import prompt_conditioning
 from aigc_dist.models.artifact import save_text_artifact
 from aigc_dist.models.llama import LlamaLM, LMConfig

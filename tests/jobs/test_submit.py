@@ -12,7 +12,7 @@ import uuid
 import psutil
 import pytest
 
-from aigc_dist.data.synthetic import WorldConfig, write_world
+from aigc_dist.demo.world import WorldConfig, write_world
 from aigc_dist.errors import EXIT_RUN_LOCKED
 from aigc_dist.storage import Storage, join_uri
 from aigc_dist.train.loop import POLL_INTERVAL_ENV

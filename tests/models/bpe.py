@@ -9,7 +9,7 @@ from functools import cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from aigc_dist.data.prompts import text_prompt
-from aigc_dist.data.synthetic import WorldConfig, make_world
+from aigc_dist.demo.world import WorldConfig, make_world
 from aigc_dist.models.tokenizer import TextTokenizer
 
 BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

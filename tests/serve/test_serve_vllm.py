@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from aigc_dist.data.synthetic import make_world
+from aigc_dist.demo.world import make_world
 from aigc_dist.engine.text import SamplingParams, TextEngine, TextRequest
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.storage import Storage

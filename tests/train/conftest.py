@@ -20,7 +20,7 @@ import torch
 
 from aigc_dist.config import AigcConfig
 from aigc_dist.config.loader import merge
-from aigc_dist.data.synthetic import WorldConfig
+from aigc_dist.demo.world import WorldConfig
 from aigc_dist.storage import join_uri
 from aigc_dist.train.loop import POLL_INTERVAL_ENV
 
@@ -149,7 +149,7 @@ def deepspeed_ops() -> None:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """users / items / candidates / copy parquet of a 100-user synthetic world, on local disk."""
-    from aigc_dist.data.synthetic import write_world
+    from aigc_dist.demo.world import write_world
 
     root = tmp_path_factory.mktemp("world")
     write_world(TINY_WORLD, root)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aigc_dist.data.synthetic import WorldConfig, write_world
+from aigc_dist.demo.world import WorldConfig, write_world
 from aigc_dist.train.checkpoints import STATE_FILE, checkpoint_dir_name
 
 pytestmark = pytest.mark.slow

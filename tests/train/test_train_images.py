@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from aigc_dist.data.synthetic import CATEGORIES
+from aigc_dist.demo.world import CATEGORIES
 from aigc_dist.engine.images import ImageEngine, ImageRequest
 from aigc_dist.models.artifact import load_artifact
 from aigc_dist.storage import Storage

@@ -31,7 +31,7 @@ GOLDEN_RESUMED = Path(__file__).parent / "golden" / "lm_tiny_2workers_resumed.js
 @pytest.fixture(scope="module")
 def s3_run(ray_local, s3_server, deepspeed_ops, train_kit):
     """One 20-step ZeRO-2 run whose examples, checkpoints and artifact live in a fresh bucket."""
-    from aigc_dist.data.synthetic import write_world
+    from aigc_dist.demo.world import write_world
 
     bucket = f"s3://{s3_server.new_bucket()}"
     storage = Storage()

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from aigc_dist.data.synthetic import (
+from aigc_dist.demo.world import (
     CATEGORY_NAMES,
     INTEREST_CATEGORY,
     SEGMENT_PHRASES,

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from aigc_dist.config import QualityConfig
-from aigc_dist.data.world_vocabulary import (  # noqa: F401  (SEGMENT_PHRASES, CATEGORY_NAMES re-exported)
+from aigc_dist.demo.world_vocabulary import (  # noqa: F401  (SEGMENT_PHRASES, CATEGORY_NAMES re-exported)
     AGE_BANDS,
     ATTRIBUTE_NAMES,
     BRANDS,
