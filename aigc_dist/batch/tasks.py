@@ -57,7 +57,7 @@ class BackfillTask:
     """The stages' modality-specific part; see the module docstring for who calls what."""
 
     modality: ClassVar[str]
-    generated_schema: ClassVar[pa.Schema]  # a generated row under `_work/`: the prepared row + the engine's columns
+    generated_schema: ClassVar[pa.Schema]  # a generated row under `_work/`: the request (no prompt_ids) + its output
     data_schema: ClassVar[pa.Schema]  # a row of data/
 
     def __init__(self, context: ShardContext, storage: Storage):

@@ -101,9 +101,7 @@ class ImageEngine:
 def image_engine(uri: str, store: ArtifactStore, backend: str = "native", *, device: str = "cpu",
                  max_batch_size: int = 256, num_threads: int | None = None, **_vllm_settings: Any) -> ImageEngine:
     """The image engine a backfill actor or a Serve replica runs (the opener the image kinds' ModelSpec
-    names, with the text opener's arguments): images have the native engine only."""
-    if backend == "vllm":
-        raise ArtifactError(f"engine.backend = \"vllm\" generates text; {uri} is an image model, which runs on "
-                            "the native engine (\"native\" or \"auto\")")
+    names, with the text opener's arguments). `engine.backend` chooses the text engine: a replica serving
+    text on vLLM serves its image model beside it on this engine, the only one images have."""
     return ImageEngine(load_artifact(uri, store, device=device), max_batch_size=max_batch_size,
                        num_threads=num_threads)

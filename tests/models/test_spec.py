@@ -56,14 +56,16 @@ def test_modalities_and_unknown_kinds():
         model_spec("diffusion")
 
 
-def test_an_image_model_refuses_the_vllm_backend(tmp_path):
-    from aigc_dist.engine.images import image_engine
-    from aigc_dist.models.artifact import ArtifactError, save_artifact
+def test_an_image_model_opens_on_its_engine_whatever_the_text_backend(tmp_path):
+    """engine.backend chooses the text engine: a replica serving text on vLLM serves images beside it."""
+    from aigc_dist.engine.images import ImageEngine, ImageRequest, image_engine
+    from aigc_dist.models.artifact import save_artifact
     from aigc_dist.models.cgan import CGANConfig, Generator
     from aigc_dist.storage import Storage
 
     uri = str(tmp_path / "cgan")
     save_artifact(uri, "cgan", Generator(CGANConfig(image_size=16)), Storage())
-    assert image_engine(uri, Storage(), "auto", max_batch_size=3).max_batch_size == 3
-    with pytest.raises(ArtifactError, match="generates text.*native engine"):
-        image_engine(uri, Storage(), "vllm")
+    engines = [image_engine(uri, Storage(), backend, max_batch_size=3) for backend in ("native", "vllm", "auto")]
+    assert all(isinstance(e, ImageEngine) and e.max_batch_size == 3 for e in engines)
+    request = ImageRequest(label=1, seed=7)
+    assert len({e.generate([request])[0].png for e in engines}) == 1  # the same image from each
