@@ -264,3 +264,11 @@ def faulty_s3(s3_server: Any) -> Iterator[FaultyS3Proxy]:
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def layout(request, tmp_path) -> RunLayout:
+    """A run's layout on a local path, then on the S3 server (moto over HTTP): run-file tests run on both."""
+    if request.param == "local":
+        return RunLayout(str(tmp_path / "run"))
+    return RunLayout(request.getfixturevalue("s3_bucket") + "/run")

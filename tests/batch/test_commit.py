@@ -8,7 +8,6 @@ import pyarrow as pa
 import pytest
 
 from aigc_dist.batch.commit import commit_shard, parquet_bytes, sweep_uncommitted
-from aigc_dist.batch.layout import RunLayout
 from aigc_dist.batch.lock import FencedError, RunLock
 from aigc_dist.batch.run_state import Counts, ShardStats, read_commits
 from aigc_dist.storage import Storage
@@ -16,13 +15,6 @@ from aigc_dist.storage import Storage
 OUTPUTS = {"data": pa.table({"request_id": ["r1", "r2"], "content": ["a", "b"]}),
            "errors": pa.table({"request_id": ["r3"], "error": ["bad"]})}
 STATS = ShardStats(Counts(total=3, ok=2, quarantined=1, by_stage={"validate": 1}), 0, 0, {}, {}, 1)
-
-
-@pytest.fixture(params=["local", "s3"])
-def layout(request, tmp_path) -> RunLayout:
-    if request.param == "local":
-        return RunLayout(str(tmp_path / "run"))
-    return RunLayout(request.getfixturevalue("s3_bucket") + "/run")
 
 
 def test_a_driver_whose_lock_was_taken_commits_and_deletes_nothing(layout):

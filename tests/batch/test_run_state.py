@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from aigc_dist.batch.layout import RunLayout
 from aigc_dist.batch.run_state import (
     CommitMarker,
     Counts,
@@ -32,13 +31,6 @@ def marker(shard: int, quality: dict | None = None) -> CommitMarker:
                        40, 100, {"generate": 1.5}, {"10.0.0.1:42": 5}, 2, quality)
     return CommitMarker(shard, f"attempt{shard}", "2026-12-07T00:00:00Z",
                         (OutputFile(f"data/shard-{shard:05d}-x.parquet", "data", 4, 800),), stats)
-
-
-@pytest.fixture(params=["local", "s3"])
-def layout(request, tmp_path) -> RunLayout:
-    if request.param == "local":
-        return RunLayout(str(tmp_path / "run"))
-    return RunLayout(request.getfixturevalue("s3_bucket") + "/run")
 
 
 def test_a_marker_of_an_earlier_run_reads_with_the_defaults_it_stood_for(layout):
